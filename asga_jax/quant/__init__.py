@@ -1,0 +1,12 @@
+"""Quantizers, quantized layers, complexity (MACs/BOPs) and bit-width policies."""
+
+from asga_jax.quant.complexity import (LayerCost, LayerReport, argmax_bits, argmax_policy,
+                                       collect_layer_costs, complexity_loss, expected_bits,
+                                       format_report, layer_report, policy_bops, reference_bops,
+                                       searchable_layers, total_bops)
+from asga_jax.quant.layers import QuantConv, QuantDense, layer_path
+from asga_jax.quant.policy import (LayerBits, Policy, PolicyError, load_policy, save_policy,
+                                   uniform_policy, validate_policy)
+from asga_jax.quant.quantizers import (quantize_lsq, quantize_signed, quantize_unsigned,
+                                       quantize_weight, round_ste)
+from asga_jax.quant.spec import QuantSpec

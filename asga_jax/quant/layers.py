@@ -1,0 +1,181 @@
+"""Quantized Conv and Dense layers: full precision, supernet or fixed policy.
+
+Each layer reads its mode and bits from a :class:`QuantSpec` and its own module
+path, so one model definition serves every mode with the same parameter names:
+
+=============  ==========================================================
+parameter      meaning
+=============  ==========================================================
+kernel, bias   the layer's weights (every mode)
+w_clip, a_clip SAQ clipping levels (quantized modes, ``quantizer='clip'``)
+w_step, a_step LSQ step sizes (quantized modes, ``quantizer='lsq'``; one
+               per candidate in supernet mode)
+w_logits,      architecture logits over the weight / activation bit
+a_logits       candidates (supernet mode only; see optim.partition)
+=============  ==========================================================
+
+Supernet mode follows EdMIPS' composite convolution: the weights are mixed as
+sum_j softmax(w_logits)_j Q_{b_j}(w), the input as sum_k softmax(a_logits)_k
+Q_{b_k}(x), and ONE convolution runs on the two mixtures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from asga_jax.quant import quantizers
+from asga_jax.quant.spec import QuantSpec, Resolved
+
+ARCH_LOGITS = ('w_logits', 'a_logits')
+QUANT_PARAMS = ('w_clip', 'a_clip', 'w_step', 'a_step')
+
+# He-normal (fan_out), as torchvision initializes ResNet convolutions.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def layer_path(module: nn.Module) -> str:
+  """The '/'-joined module path that names a layer in policies and reports.
+
+  A layer used on its own (not inside a model) is named by its ``name``.
+  """
+  return '/'.join(module.path) or (module.name or '')
+
+
+def _probs(module: nn.Module, name: str, bits: tuple[int, ...] | None) -> jax.Array | None:
+  """Softmax over the bit candidates (supernet), or None for one bit width."""
+  if bits is None or len(bits) == 1:
+    return None
+  logits = module.param(name, nn.initializers.zeros_init(), (len(bits),), jnp.float32)
+  return jax.nn.softmax(logits)
+
+
+def _lsq_step(module: nn.Module, name: str, x: jax.Array, bits: tuple[int, ...],
+              signed: bool) -> jax.Array:
+  shape = () if len(bits) == 1 else (len(bits),)
+  init = lambda _: jnp.stack([quantizers.lsq_init_step(x, b, signed) for b in bits]
+                             ).reshape(shape).astype(jnp.float32)
+  return module.param(name, init)
+
+
+def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array,
+                      q: Resolved, spec: QuantSpec, signed_input: bool
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Quantizes (input, kernel) of a layer as ``q`` says, creating its params."""
+  w_probs = _probs(module, 'w_logits', q.w_bits)
+  a_probs = _probs(module, 'a_logits', q.a_bits)
+  if spec.quantizer == 'lsq':
+    if q.w_bits is not None:
+      step = _lsq_step(module, 'w_step', kernel, q.w_bits, signed=True)
+      kernel = quantizers.quantize_lsq(kernel, step, q.w_bits, True, w_probs)
+    if q.a_bits is not None:
+      step = _lsq_step(module, 'a_step', x, q.a_bits, signed_input)
+      x = quantizers.quantize_lsq(x, step, q.a_bits, signed_input, a_probs)
+    return x, kernel
+  if q.w_bits is not None:
+    clip = module.param('w_clip', nn.initializers.constant(spec.w_clip_init), (), jnp.float32)
+    kernel = quantizers.quantize_weight(kernel, jnp.abs(clip), q.w_bits, w_probs)
+  if q.a_bits is not None:
+    clip = module.param('a_clip', nn.initializers.constant(spec.a_clip_init), (), jnp.float32)
+    quantize = quantizers.quantize_signed if signed_input else quantizers.quantize_unsigned
+    x = quantize(x, jnp.abs(clip), q.a_bits, a_probs)
+  return x, kernel
+
+
+class QuantConv(nn.Module):
+  """2-D convolution (NHWC) with quantized weights and input.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (height, width).
+    strides: (height, width) strides.
+    padding: 'SAME', 'VALID', an int (symmetric) or explicit pairs.
+    feature_group_count: groups; ``in_channels`` for a depthwise convolution.
+    use_bias: add a bias.
+    quant: the model's quantization spec.
+    edge: first or last layer of the network (bits fixed by
+      ``quant.edge_bits``, never searched).
+    signed_input: the input can be negative (e.g. the normalized image); ReLU
+      outputs are not.
+    dtype: computation dtype (quantization runs in float32 first).
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: Any = 'SAME'
+  feature_group_count: int = 1
+  use_bias: bool = False
+  quant: QuantSpec = QuantSpec()
+  edge: bool = False
+  signed_input: bool = False
+  dtype: Any = jnp.float32
+
+  def fan_in(self, in_features: int) -> int:
+    kh, kw = self.kernel_size
+    return kh * kw * in_features // self.feature_group_count
+
+  def num_weights(self, in_features: int) -> int:
+    return self.fan_in(in_features) * self.features + (self.features if self.use_bias else 0)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    if cin % self.feature_group_count:
+      raise ValueError(f'{layer_path(self)}: {cin} input channels are not divisible by '
+                       f'{self.feature_group_count} groups.')
+    kernel = self.param('kernel', conv_kernel_init,
+                        (*self.kernel_size, cin // self.feature_group_count, self.features),
+                        jnp.float32)
+    q = self.quant.resolve(layer_path(self), self.edge)
+    x, kernel = quantize_operands(self, x, kernel, q, self.quant, self.signed_input)
+    padding = self.padding
+    if isinstance(padding, int):
+      padding = [(padding, padding)] * 2
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=tuple(self.strides), padding=padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=self.feature_group_count)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,),
+                         jnp.float32).astype(self.dtype)
+    return y
+
+
+class QuantDense(nn.Module):
+  """Dense layer (on the last axis) with quantized weights and input.
+
+  Attributes: as :class:`QuantConv` (``features``, ``use_bias``, ``quant``,
+  ``edge``, ``signed_input``, ``dtype``) plus ``kernel_init``.
+  """
+  features: int
+  use_bias: bool = True
+  quant: QuantSpec = QuantSpec()
+  edge: bool = False
+  signed_input: bool = False
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  def fan_in(self, in_features: int) -> int:
+    return in_features
+
+  def num_weights(self, in_features: int) -> int:
+    return in_features * self.features + (self.features if self.use_bias else 0)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    q = self.quant.resolve(layer_path(self), self.edge)
+    x, kernel = quantize_operands(self, x, kernel, q, self.quant, self.signed_input)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,),
+                         jnp.float32).astype(self.dtype)
+    return y
+
+
+QUANT_LAYERS = (QuantConv, QuantDense)

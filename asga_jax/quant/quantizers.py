@@ -1,0 +1,180 @@
+"""Uniform quantizers with straight-through estimators (pure functions).
+
+Two families:
+
+* The learnable-clipping quantizer of SAQ (Liu et al., eq. 1-3): a tensor is
+  clipped by a learnable level ``alpha``, mapped to [0, 1], rounded with step
+  ``1 / (2**bits - 1)`` and mapped back. Rounding uses the straight-through
+  estimator (d round(z) / dz = 1); clipping and the divisions by ``alpha`` are
+  differentiated exactly, which gives ``alpha`` the PACT/SAQ gradient (see
+  :func:`quantize_unsigned` and :func:`quantize_signed`).
+* LSQ (Esser et al., 2020): a learned step size with its gradient scaled by
+  ``1 / sqrt(numel * q_max)``.
+
+``bits=None`` (or 32) means full precision: the input is returned unchanged.
+The functions take a sequence of bit widths for the mixed-precision supernet,
+where one shared clipping computation feeds every candidate (one clip, one
+division, then one rounding per candidate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+FULL_PRECISION_BITS = 32
+# Added to the weight standard deviation so that an all-zero tensor quantizes
+# to zeros instead of NaN.
+NORM_EPS = 1e-8
+
+
+def is_full_precision(bits: int | None) -> bool:
+  """True when ``bits`` asks for no quantization (None or 32)."""
+  return bits is None or bits >= FULL_PRECISION_BITS
+
+
+def round_ste(x: jax.Array) -> jax.Array:
+  """Rounds to the nearest integer; the gradient is the identity (STE)."""
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def _levels(bits: int) -> float:
+  return float(2**bits - 1)
+
+
+def _mix_rounded(unit: jax.Array, bits: Sequence[int],
+                 probs: jax.Array | None) -> jax.Array:
+  """sum_j probs_j * D(unit, 1/(2**b_j - 1)) for ``unit`` in [0, 1]."""
+  if probs is None:
+    if len(bits) != 1:
+      raise ValueError(f'{len(bits)} bit widths need mixing probabilities.')
+    n = _levels(bits[0])
+    return round_ste(unit * n) / n
+  out = jnp.zeros_like(unit)
+  for j, b in enumerate(bits):
+    n = _levels(b)
+    out = out + probs[j].astype(unit.dtype) * (round_ste(unit * n) / n)
+  return out
+
+
+def quantize_unsigned(x: jax.Array, alpha: jax.Array, bits: int | Sequence[int],
+                      probs: jax.Array | None = None) -> jax.Array:
+  """Unsigned clipping quantizer for non-negative inputs (after ReLU).
+
+  Q(x) = alpha * D(clip(x / alpha, 0, 1)), D rounding to multiples of
+  1/(2**b - 1). Gradients (STE on rounding): dQ/dx = 1 inside (0, alpha) and 0
+  outside; dQ/dalpha = D(x/alpha) - x/alpha inside, 1 above alpha, 0 below 0.
+
+  Args:
+    x: input tensor.
+    alpha: positive clipping level (scalar).
+    bits: a bit width, or candidate bit widths when ``probs`` is given.
+    probs: mixing probabilities over ``bits`` (supernet mode), or None.
+
+  Returns:
+    The quantized tensor (the probability-weighted mixture in supernet mode).
+  """
+  bits = (bits,) if isinstance(bits, int) else tuple(bits)
+  unit = jnp.clip(x / alpha, 0.0, 1.0)
+  return alpha * _mix_rounded(unit, bits, probs)
+
+
+def quantize_signed(x: jax.Array, alpha: jax.Array, bits: int | Sequence[int],
+                    probs: jax.Array | None = None) -> jax.Array:
+  """Signed clipping quantizer (SAQ eq. 1-2 for weights).
+
+  u = (clip(x / alpha, -1, 1) + 1) / 2 in [0, 1], Q(x) = alpha * (2 D(u) - 1).
+  Gradients (STE on rounding): dQ/dx = 1 inside (-alpha, alpha), 0 outside;
+  dQ/dalpha = (2 D(u) - 1) - x / alpha inside, sign(x) outside.
+
+  Args:
+    x: input tensor.
+    alpha: positive clipping level (scalar).
+    bits: a bit width, or candidate bit widths when ``probs`` is given.
+    probs: mixing probabilities over ``bits`` (supernet mode), or None.
+
+  Returns:
+    The quantized tensor. Since the probabilities sum to one, the mixture of
+    alpha * (2 D_j(u) - 1) equals alpha * (2 sum_j p_j D_j(u) - 1).
+  """
+  bits = (bits,) if isinstance(bits, int) else tuple(bits)
+  unit = (jnp.clip(x / alpha, -1.0, 1.0) + 1.0) * 0.5
+  return alpha * (2.0 * _mix_rounded(unit, bits, probs) - 1.0)
+
+
+def quantize_weight(w: jax.Array, alpha: jax.Array, bits: int | Sequence[int],
+                    probs: jax.Array | None = None) -> jax.Array:
+  """Normalized weight quantizer: standardize, clip-quantize, de-standardize.
+
+  The weights are standardized with their (gradient-stopped) mean and standard
+  deviation, quantized with :func:`quantize_signed` (so ``alpha`` is in units
+  of standard deviations and is scale-free, as in SAQ's code), then mapped
+  back with the same statistics. The last step keeps the layer's output scale
+  equal to the full-precision one, so a pretrained model loads unchanged
+  (without it, a layer not followed by BatchNorm, such as the classifier,
+  would change its logits by 1/std).
+
+  Args:
+    w: weight tensor.
+    alpha: clipping level in standard deviations.
+    bits: a bit width, or candidates when ``probs`` is given.
+    probs: supernet mixing probabilities, or None.
+
+  Returns:
+    Quantized weights with the shape and scale of ``w``.
+  """
+  mean = jax.lax.stop_gradient(jnp.mean(w))
+  scale = jax.lax.stop_gradient(jnp.std(w)) + NORM_EPS
+  normalized = (w - mean) / scale
+  return quantize_signed(normalized, alpha, bits, probs) * scale + mean
+
+
+def lsq_bounds(bits: int, signed: bool) -> tuple[float, float]:
+  """Integer range (-q_neg, q_pos) of a b-bit LSQ quantizer."""
+  if signed:
+    return float(2**(bits - 1)), float(2**(bits - 1) - 1)
+  return 0.0, float(2**bits - 1)
+
+
+def lsq_init_step(x: jax.Array, bits: int, signed: bool) -> jax.Array:
+  """LSQ's step initialization 2 * mean(|x|) / sqrt(q_pos)."""
+  _, q_pos = lsq_bounds(bits, signed)
+  return 2.0 * jnp.mean(jnp.abs(x)) / jnp.sqrt(q_pos)
+
+
+def _scale_grad(x: jax.Array, factor: float) -> jax.Array:
+  """Identity in the forward pass; multiplies the gradient by ``factor``."""
+  return x * factor + jax.lax.stop_gradient(x - x * factor)
+
+
+def quantize_lsq(x: jax.Array, step: jax.Array, bits: int | Sequence[int],
+                 signed: bool, probs: jax.Array | None = None) -> jax.Array:
+  """LSQ quantizer: s * round(clip(x / s, -q_neg, q_pos)).
+
+  The step's gradient is scaled by 1 / sqrt(numel * q_pos) (LSQ's g). In
+  supernet mode ``step`` holds one step per candidate bit width.
+
+  Args:
+    x: input tensor.
+    step: step size (scalar), or one per candidate in supernet mode.
+    bits: a bit width, or candidates when ``probs`` is given.
+    signed: whether ``x`` can be negative.
+    probs: supernet mixing probabilities, or None.
+
+  Returns:
+    The quantized tensor (or the probability-weighted mixture).
+  """
+  bits = (bits,) if isinstance(bits, int) else tuple(bits)
+  steps = jnp.reshape(step, (-1,))
+  if probs is None and len(bits) != 1:
+    raise ValueError(f'{len(bits)} bit widths need mixing probabilities.')
+  out = jnp.zeros_like(x)
+  for j, b in enumerate(bits):
+    q_neg, q_pos = lsq_bounds(b, signed)
+    s = _scale_grad(steps[j], 1.0 / math.sqrt(x.size * q_pos))
+    q = round_ste(jnp.clip(x / s, -q_neg, q_pos)) * s
+    out = q if probs is None else out + probs[j].astype(x.dtype) * q
+  return out
