@@ -1,0 +1,251 @@
+"""The run configuration: documented defaults and validation before any compute.
+
+Config files in ``configs/`` start from :func:`default_config` and change what
+their experiment needs. Every field can be overridden on the command line,
+e.g. ``--config.search.epochs=2``. ``validate_config`` checks a whole config
+at start-up and reports every problem with the field name and a fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from asga_jax import models
+from asga_jax.data import default_data_config
+from asga_jax.quant.spec import QUANTIZERS
+
+STAGES = ('pretrain', 'search', 'finetune', 'eval')
+SHARPNESS = ('none', 'asga')
+SCHEDULES = ('cosine', 'constant')
+ARCH_OPTIMIZERS = ('adam', 'sgd')
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _train_section(*, epochs: int, lr: float, warmup_epochs: float, nesterov: bool,
+                   weight_decay: float) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      'epochs': float(epochs),         # fractional epochs are allowed
+      'lr': lr,                        # peak learning rate of the weights
+      'momentum': 0.9,
+      'nesterov': nesterov,
+      'weight_decay': weight_decay,    # L2 on conv/dense kernels and biases only
+      'schedule': 'cosine',            # 'cosine' (to 0) or 'constant', after warm-up
+      'warmup_epochs': float(warmup_epochs),  # linear warm-up from 0
+      'label_smoothing': 0.0,
+      'init': 'auto',                  # see each stage
+  })
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The full configuration with the papers' defaults.
+
+  Top-level fields:
+    seed: seeds initialization and the data order (augmentation included).
+    stages: which stages run, in order: comma-separated names out of
+      'pretrain', 'search', 'finetune', 'eval' (e.g. --config.stages=finetune,eval).
+    batch_size, eval_batch_size: global batch sizes (split over processes).
+    data: input pipeline (see ``asga_jax.data.default_data_config``).
+    model: name (see ``asga_jax.models.MODELS``), width (None: the model's
+      default), stem ('auto' picks 'cifar' below 64 px, else 'imagenet').
+    quant: bit candidates for weights/activations, first/last-layer bits,
+      quantizer ('clip' or 'lsq') and clipping initializations.
+    pretrain: full-precision training (the initialization of finetuning).
+    search: supernet search: weights by SGD (lr 0.01), architecture logits by
+      ``arch_optimizer``; lambda = ``comp_weight``; ``sharpness`` 'asga' or
+      'none' (plain EdMIPS); ``asga`` holds rho0, rho_max, phi, mu, epsilon;
+      ``data`` overrides fields of ``data`` for the proxy data set (None
+      inherits); ``init`` 'auto' (the pretrain checkpoint of this workdir if
+      there is one, else scratch), 'scratch' or a checkpoint directory.
+    finetune: fixed-policy QAT (SGD Nesterov lr 0.04, cosine, 5 warm-up
+      epochs); ``policy`` a policy.json ('' = this workdir's search result);
+      ``init`` 'auto' (this workdir's pretrain checkpoint), 'scratch' or a
+      checkpoint directory.
+    log_every_steps, checkpoint_every_steps (0: at the end of each epoch),
+    keep_checkpoints, eval_every_epochs.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.stages = ','.join(STAGES)
+  config.batch_size = 128
+  config.eval_batch_size = 256
+  config.data = default_data_config()
+  config.model = ml_collections.ConfigDict({
+      'name': 'resnet20',
+      'width': config_dict.placeholder(int),
+      'stem': 'auto',
+  })
+  config.quant = ml_collections.ConfigDict({
+      'w_bits': (2, 3, 4, 6),
+      'a_bits': (2, 3, 4, 6),
+      'edge_bits': 8,
+      'quantizer': 'clip',
+      'w_clip_init': 3.0,
+      'a_clip_init': 4.0,
+  })
+  config.pretrain = _train_section(epochs=200, lr=0.1, warmup_epochs=0, nesterov=True,
+                                   weight_decay=5e-4)
+  config.search = _train_section(epochs=90, lr=0.01, warmup_epochs=0, nesterov=False,
+                                 weight_decay=5e-4)
+  config.search.arch_optimizer = 'adam'
+  config.search.arch_lr = 5e-3
+  config.search.comp_weight = 1.0
+  config.search.sharpness = 'asga'
+  config.search.asga = ml_collections.ConfigDict({
+      'rho0': 0.1, 'rho_max': 0.5, 'phi': config_dict.placeholder(float), 'mu': 0.01,
+      'epsilon': 0.1})
+  data = default_data_config()
+  config.search.data = ml_collections.ConfigDict(
+      {k: config_dict.placeholder(data.get_ref(k).get_type()) for k in data})
+  config.finetune = _train_section(epochs=90, lr=0.04, warmup_epochs=5, nesterov=True,
+                                   weight_decay=5e-4)
+  config.finetune.policy = ''
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 0
+  config.keep_checkpoints = 2
+  config.eval_every_epochs = 1
+  return config
+
+
+def demo_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """All stages on the embedded 1,000-image CIFAR-10 sample in a few CPU minutes."""
+  config.data.name = 'cifar10_sample'
+  config.batch_size = 64
+  config.pretrain.epochs = 15.0
+  config.search.epochs = 8.0
+  config.search.arch_lr = 0.05  # few steps: the logits must move far enough to mean something
+  config.finetune.epochs = 8.0
+  config.finetune.warmup_epochs = 1.0
+  config.log_every_steps = 15
+  return config
+
+
+def smoke_variant(config: ml_collections.ConfigDict, *, width: int = 4,
+                  image_size: int = 16) -> ml_collections.ConfigDict:
+  """Every stage for one epoch of the embedded sample on a tiny model (tests, CI)."""
+  config.data.name = 'cifar10_sample'
+  config.data.image_size = image_size
+  config.model.width = width
+  config.batch_size = 50
+  config.eval_batch_size = 100
+  for stage in ('pretrain', 'search', 'finetune'):
+    config[stage].epochs = 1.0
+    config[stage].warmup_epochs = 0.0
+  config.search.arch_lr = 0.05
+  config.log_every_steps = 5
+  return config
+
+
+def unknown_variant(name: str, variant: str, choices: Sequence[str]) -> ConfigError:
+  return ConfigError(f'unknown variant {variant!r} of {name}; choose one of {list(choices)} '
+                     f'(e.g. --config configs/{name}.py:{choices[0]}).')
+
+
+def stage_list(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return tuple(s.strip() for s in config.stages.split(',') if s.strip())
+
+
+def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """``config.data`` with the stage's non-None ``data`` overrides applied."""
+  data = config.data.copy_and_resolve_references()
+  overrides = config[stage].get('data') if stage in ('search',) else None
+  if overrides is not None:
+    with data.unlocked():
+      for key, value in overrides.items():
+        if value is not None:
+          data[key] = value
+  return data
+
+
+def _positive(problems: list[str], name: str, value, *, allow_zero: bool = False) -> None:
+  ok = value >= 0 if allow_zero else value > 0
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok:
+    bound = '>= 0' if allow_zero else '> 0'
+    problems.append(f'{name} must be a number {bound}, got {value!r}')
+
+
+def _check_bits(problems: list[str], name: str, bits: Sequence[int]) -> None:
+  bits = tuple(bits)
+  if not bits or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8
+                     for b in bits):
+    problems.append(f'{name} must be bit widths in 1..8, got {bits}')
+  elif list(bits) != sorted(set(bits)):
+    problems.append(f'{name} must be sorted and distinct, got {bits} '
+                    f'(e.g. --config.{name}="{tuple(sorted(set(bits)))}")')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks every field a run depends on; raises one ConfigError listing all problems."""
+  problems: list[str] = []
+  stages = stage_list(config)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown or not stages:
+    problems.append(f'stages must be a non-empty subset of {STAGES}, got {stages}')
+  if config.model.name not in models.MODELS:
+    problems.append(f'model.name {config.model.name!r} is unknown; available: '
+                    f'{sorted(models.MODELS)}')
+  if config.model.stem not in ('auto', 'cifar', 'imagenet'):
+    problems.append(f"model.stem must be 'auto', 'cifar' or 'imagenet', got {config.model.stem!r}")
+  _check_bits(problems, 'quant.w_bits', config.quant.w_bits)
+  _check_bits(problems, 'quant.a_bits', config.quant.a_bits)
+  edge = config.quant.edge_bits
+  if edge is not None and (isinstance(edge, bool) or not isinstance(edge, int)
+                           or not (1 <= edge <= 8 or edge == 32)):
+    problems.append(f'quant.edge_bits (first/last layer) must be in 1..8, 32 or None, got {edge!r}')
+  if config.quant.quantizer not in QUANTIZERS:
+    problems.append(f'quant.quantizer must be one of {QUANTIZERS}, got {config.quant.quantizer!r}')
+  for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
+               'eval_every_epochs'):
+    if not isinstance(config[name], int) or config[name] <= 0:
+      problems.append(f'{name} must be a positive integer, got {config[name]!r}')
+  if not isinstance(config.checkpoint_every_steps, int) or config.checkpoint_every_steps < 0:
+    problems.append('checkpoint_every_steps must be an integer >= 0 (0: every epoch), got '
+                    f'{config.checkpoint_every_steps!r}')
+  for stage in ('pretrain', 'search', 'finetune'):
+    section = config[stage]
+    if stage not in stages:
+      continue
+    _positive(problems, f'{stage}.epochs', section.epochs)
+    _positive(problems, f'{stage}.lr', section.lr)
+    _positive(problems, f'{stage}.weight_decay', section.weight_decay, allow_zero=True)
+    _positive(problems, f'{stage}.warmup_epochs', section.warmup_epochs, allow_zero=True)
+    if section.schedule not in SCHEDULES:
+      problems.append(f'{stage}.schedule must be one of {SCHEDULES}, got {section.schedule!r}')
+    if isinstance(section.epochs, (int, float)) and section.warmup_epochs >= section.epochs > 0:
+      problems.append(f'{stage}.warmup_epochs ({section.warmup_epochs}) must be smaller than '
+                      f'{stage}.epochs ({section.epochs})')
+    if section.init not in ('auto', 'scratch') and not os.path.isdir(section.init):
+      problems.append(f"{stage}.init must be 'auto', 'scratch' or an existing checkpoint "
+                      f'directory, got {section.init!r}')
+  if 'search' in stages:
+    s = config.search
+    if s.sharpness not in SHARPNESS:
+      problems.append(f'search.sharpness must be one of {SHARPNESS}, got {s.sharpness!r}')
+    if s.arch_optimizer not in ARCH_OPTIMIZERS:
+      problems.append(f'search.arch_optimizer must be one of {ARCH_OPTIMIZERS}, got '
+                      f'{s.arch_optimizer!r}')
+    _positive(problems, 'search.arch_lr', s.arch_lr)
+    _positive(problems, 'search.comp_weight', s.comp_weight, allow_zero=True)
+    a = s.asga
+    _positive(problems, 'search.asga.rho0', a.rho0)
+    _positive(problems, 'search.asga.rho_max', a.rho_max)
+    _positive(problems, 'search.asga.epsilon', a.epsilon, allow_zero=True)
+    _positive(problems, 'search.asga.mu', a.mu, allow_zero=True)
+    if a.phi is not None:
+      _positive(problems, 'search.asga.phi', a.phi)
+    if isinstance(a.rho_max, (int, float)) and isinstance(a.rho0, (int, float)) and \
+        a.rho_max < a.rho0:
+      problems.append(f'search.asga.rho_max ({a.rho_max}) must be >= search.asga.rho0 ({a.rho0})')
+  if 'finetune' in stages and config.finetune.policy and \
+      not os.path.isfile(config.finetune.policy):
+    problems.append(f'finetune.policy {config.finetune.policy!r} does not exist; pass a '
+                    'policy.json written by a search, or leave it empty to use this '
+                    "workdir's search result")
+  if problems:
+    raise ConfigError('invalid configuration:\n  - ' + '\n  - '.join(problems))

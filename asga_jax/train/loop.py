@@ -1,0 +1,192 @@
+"""The epoch loop shared by every training stage: resume, train, evaluate, save."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from asga_jax import data
+from asga_jax.quant import LayerCost
+from asga_jax.train import steps
+from asga_jax.train.checkpoints import StageCheckpoints
+from asga_jax.train.reporting import Reporter
+
+
+class StopRequested(Exception):
+  """Raised by :func:`fit` after saving, when :func:`request_stop` was called."""
+
+  def __init__(self, stage: str, step: int):
+    super().__init__(f'{stage} stopped at step {step}; run the same command again to resume.')
+    self.stage, self.step = stage, step
+
+
+_stop_requested = False
+
+
+def request_stop() -> None:
+  """Asks the running stage to save a checkpoint and stop at the next step boundary.
+
+  Safe to call from a signal handler.
+  """
+  global _stop_requested
+  _stop_requested = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """What one training stage trains, on what, for how long.
+
+  Attributes:
+    name: stage name; its outputs go to ``<workdir>/<name>``.
+    model: the Flax model.
+    tx: optimizer; ``schedule`` its learning-rate schedule (for the log).
+    variables: the initial variables (used when there is no checkpoint).
+    data_config: input pipeline configuration.
+    epochs: training length.
+    costs, comp_weight: complexity loss of a supernet (None otherwise).
+    label_smoothing: of the cross-entropy.
+  """
+  name: str
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  variables: Mapping[str, Any]
+  data_config: ml_collections.ConfigDict
+  epochs: float
+  costs: Sequence[LayerCost] | None = None
+  comp_weight: float = 0.0
+  label_smoothing: float = 0.0
+
+
+def prefetch(batches: Iterator[Mapping[str, np.ndarray]], size: int = 2
+             ) -> Iterator[dict[str, jax.Array]]:
+  """Moves batches to the device ``size`` ahead of their use."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(jax.device_put(dict(batch)))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def evaluate(eval_step, state: steps.TrainState, data_config: ml_collections.ConfigDict,
+             batch_size: int) -> dict[str, float]:
+  """Loss and accuracy over the whole eval split (padding masked out)."""
+  totals = None
+  for batch in prefetch(data.eval_batches(data_config, global_batch_size=batch_size,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())):
+    sums = eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'loss': float(totals['loss_sum']) / count, 'accuracy': float(totals['correct']) / count,
+          'examples': count}
+
+
+def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
+        ) -> tuple[steps.TrainState, dict[str, float]]:
+  """Trains ``spec`` to the end, resuming from its latest checkpoint.
+
+  Data order is a function of (seed, epoch), so the step count alone tells
+  where to resume: epoch = step // steps_per_epoch and the batch inside it.
+
+  Returns:
+    (final train state, final eval metrics).
+  """
+  batch_size = config.batch_size
+  steps_per_epoch = data.steps_per_epoch(spec.data_config, batch_size)
+  total = int(round(spec.epochs * steps_per_epoch))
+  ckpts = StageCheckpoints(os.path.join(workdir, spec.name, 'checkpoints'),
+                           config.keep_checkpoints)
+  state = steps.create_train_state(spec.variables, spec.tx)
+  if ckpts.latest_step() is not None:
+    state, meta = ckpts.restore(state)
+    logging.info('%s: resuming from step %d (epoch %d, batch %d) in %s', spec.name,
+                 int(state.step), meta['epoch'], meta['batch'], ckpts.directory)
+  eval_step = jax.jit(steps.make_eval_step(spec.model))
+  if int(state.step) >= total:
+    logging.info('%s: already complete (%d steps); evaluating the final state', spec.name, total)
+    result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size)
+    ckpts.close()
+    return state, result
+
+  train_step = jax.jit(steps.make_train_step(spec.model, spec.tx, costs=spec.costs,
+                                             comp_weight=spec.comp_weight,
+                                             label_smoothing=spec.label_smoothing),
+                       donate_argnums=0)
+  reporter = Reporter(workdir, spec.name, total, steps_per_epoch, batch_size)
+  step = int(state.step)
+  logging.info('%s: %d steps (%g epochs of %d steps, batch %d) from step %d', spec.name, total,
+               spec.epochs, steps_per_epoch, batch_size, step)
+  window, result, saved = [], {}, None
+  first_step_start = time.perf_counter()
+  while step < total:
+    epoch, start = divmod(step, steps_per_epoch)
+    # Closing the epoch's iterator stops its prefetch threads at once.
+    with contextlib.closing(data.train_batches(
+        spec.data_config, global_batch_size=batch_size, seed=config.seed, epoch=epoch,
+        start_batch=start, process_index=jax.process_index(),
+        process_count=jax.process_count())) as batches:
+      for batch in prefetch(itertools.islice(batches, min(steps_per_epoch - start, total - step))):
+        state, metrics = train_step(state, batch)
+        step += 1
+        if first_step_start is not None:
+          jax.block_until_ready(metrics)
+          reporter.compiled(step, time.perf_counter() - first_step_start)
+          first_step_start = None
+        window.append(metrics)
+        if step % config.log_every_steps == 0 or step == total:
+          means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+          means['lr'] = float(spec.schedule(step - 1))
+          reporter.train(step, means)
+          window = []
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          ckpts.save(step, state, _meta(step, steps_per_epoch, config))
+          saved = step
+        if _stop_requested:
+          _stop(ckpts, reporter, step, state, steps_per_epoch, config, saved, spec.name)
+    epoch_done = step % steps_per_epoch == 0
+    if step == total or (epoch_done and (step // steps_per_epoch) % config.eval_every_epochs == 0):
+      result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size)
+      reporter.eval(step, result)
+    if saved != step:
+      ckpts.save(step, state, _meta(step, steps_per_epoch, config))
+      saved = step
+  ckpts.wait()
+  ckpts.close()
+  reporter.close()
+  return state, result
+
+
+def _stop(ckpts: StageCheckpoints, reporter: Reporter, step: int, state: steps.TrainState,
+          steps_per_epoch: int, config: ml_collections.ConfigDict, saved: int | None,
+          stage: str) -> None:
+  global _stop_requested
+  _stop_requested = False
+  if saved != step:
+    ckpts.save(step, state, _meta(step, steps_per_epoch, config))
+  ckpts.wait()
+  ckpts.close()
+  reporter.close()
+  raise StopRequested(stage, step)
+
+
+def _meta(step: int, steps_per_epoch: int, config: ml_collections.ConfigDict) -> dict[str, int]:
+  epoch, batch = divmod(step, steps_per_epoch)
+  return {'step': step, 'epoch': epoch, 'batch': batch, 'seed': config.seed}

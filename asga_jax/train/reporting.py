@@ -1,0 +1,79 @@
+"""Progress lines on the console and scalars in TensorBoard (clu metric writers)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+# Console names and formats of the metrics a progress line shows, in order.
+_CONSOLE = (('loss', 'loss', '{:.4f}'), ('accuracy', 'acc', '{:.1%}'), ('gbops', 'GBOPs', '{:.4f}'),
+            ('rho', 'rho', '{:.3f}'), ('h', 'h', '{:.4f}'), ('sigma_max', 'sigma', '{:.2f}'),
+            ('lr', 'lr', '{:.4g}'))
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+class Reporter:
+  """Writes a stage's metrics to TensorBoard and readable lines to the log.
+
+  TensorBoard events go to ``<workdir>/tensorboard/<stage>``; only process 0
+  writes them.
+  """
+
+  def __init__(self, workdir: str, stage: str, total_steps: int, steps_per_epoch: int,
+               batch_size: int):
+    self.stage, self.total_steps = stage, total_steps
+    self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+    self.logdir = os.path.join(workdir, 'tensorboard', stage)
+    # Our own console lines replace clu's LoggingWriter; only process 0 writes events.
+    writers = [metric_writers.SummaryWriter(self.logdir)] if jax.process_index() == 0 else []
+    self._writer = metric_writers.AsyncMultiWriter(writers)
+    self._window_start = (None, time.perf_counter())
+    self._stage_start = time.perf_counter()
+
+  def train(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Logs the averaged training metrics of the steps since the last call."""
+    first, t0 = self._window_start
+    now = time.perf_counter()
+    scalars = {f'train/{k}': float(v) for k, v in metrics.items()}
+    if first is not None and step > first:
+      scalars['train/images_per_sec'] = (step - first) * self.batch_size / (now - t0)
+    self._writer.write_scalars(step, scalars)
+    epoch = step / self.steps_per_epoch
+    parts = [f'{self.stage:<8} ep {epoch:6.2f}  step {step:>6}/{self.total_steps}']
+    for key, name, fmt in _CONSOLE:
+      if key in metrics and np.isfinite(metrics[key]):
+        parts.append(f'{name} {fmt.format(float(metrics[key]))}')
+    if 'train/images_per_sec' in scalars:
+      rate = scalars['train/images_per_sec']
+      eta = (self.total_steps - step) * self.batch_size / rate
+      parts.append(f'{rate:.0f} img/s  eta {_duration(eta)}')
+    logging.info('  '.join(parts))
+    self._window_start = (step, now)
+
+  def compiled(self, step: int, seconds: float) -> None:
+    """Logs the first step's time (compilation included) and restarts the rate window."""
+    logging.info('%s: first step compiled and ran in %.1f s', self.stage, seconds)
+    self._window_start = (step, time.perf_counter())
+
+  def eval(self, step: int, metrics: Mapping[str, float]) -> None:
+    self._writer.write_scalars(step, {f'eval/{k}': float(v) for k, v in metrics.items()})
+    logging.info('%-8s eval at step %d: loss %.4f  top-1 %.2f%%  (%d images)', self.stage, step,
+                 metrics['loss'], 100 * metrics['accuracy'], metrics['examples'])
+
+  def close(self) -> None:
+    self._writer.flush()
+    self._writer.close()
+    logging.info('%s finished in %s; TensorBoard: %s', self.stage,
+                 _duration(time.perf_counter() - self._stage_start), self.logdir)

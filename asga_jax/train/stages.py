@@ -1,0 +1,220 @@
+"""The stages of the pipeline: pretrain -> search -> finetune -> eval.
+
+Each stage is ``run_<stage>(config, workdir) -> summary dict`` and leaves its
+outputs under ``workdir``:
+
+* pretrain: ``pretrain/checkpoints`` (full-precision model);
+* search: ``search/checkpoints``, ``policy.json``, ``bits.png``, ``search/report.txt``;
+* finetune: ``finetune/checkpoints`` (the model quantized with the policy);
+* eval: the accuracy and cost of every trained model, in the summary.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from asga_jax import data, models
+from asga_jax.analysis.plots import plot_bit_allocation
+from asga_jax.quant import (LayerCost, Policy, QuantSpec, argmax_policy, collect_layer_costs,
+                            format_report, layer_report, load_policy, policy_bops, save_policy,
+                            searchable_layers, validate_policy)
+from asga_jax.train import checkpoints, loop, optimizers, steps
+from asga_jax.train.config import stage_data_config
+
+POLICY_FILE = 'policy.json'
+BITS_PLOT = 'bits.png'
+
+
+def quant_spec(config: ml_collections.ConfigDict, mode: str, policy: Policy | None = None
+               ) -> QuantSpec:
+  q = config.quant
+  return QuantSpec(mode=mode, w_bits=tuple(q.w_bits), a_bits=tuple(q.a_bits), policy=policy,
+                   edge_bits=q.edge_bits, quantizer=q.quantizer, w_clip_init=q.w_clip_init,
+                   a_clip_init=q.a_clip_init)
+
+
+def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo, spec: QuantSpec
+                ) -> nn.Module:
+  """The configured model for a data set (classes, resolution) and quantization."""
+  kwargs: dict[str, Any] = {'num_classes': info.num_classes, 'quant': spec}
+  if config.model.width is not None:
+    kwargs['width'] = config.model.width
+  if config.model.name.startswith('resnet18'):
+    stem = config.model.stem
+    kwargs['stem'] = ('cifar' if info.image_size < 64 else 'imagenet') if stem == 'auto' else stem
+  return models.create_model(config.model.name, **kwargs)
+
+
+def _sample_input(info: data.DatasetInfo) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((1, info.image_size, info.image_size, 3), jnp.float32)
+
+
+def _init_variables(model: nn.Module, info: data.DatasetInfo, seed: int) -> dict[str, Any]:
+  x = jnp.zeros((1, info.image_size, info.image_size, 3), jnp.float32)
+  return dict(jax.jit(model.init)(jax.random.key(seed), x))
+
+
+def _initial_variables(model: nn.Module, info: data.DatasetInfo, config: ml_collections.ConfigDict,
+                       workdir: str, init: str, stage: str) -> dict[str, Any]:
+  """Fresh variables, overwritten by a checkpoint's where names and shapes match.
+
+  ``init``: 'scratch'; a checkpoint directory; or 'auto', this workdir's
+  pretrain checkpoint when there is one.
+  """
+  variables = _init_variables(model, info, config.seed)
+  source = os.path.join(workdir, 'pretrain') if init == 'auto' else init
+  if init == 'scratch' or (init == 'auto' and not _has_checkpoint(source)):
+    if stage == 'finetune' and init == 'auto':
+      logging.warning('finetune: no pretrained model (%s); quantization-aware training starts '
+                      'from scratch. Run the pretrain stage or set --config.finetune.init.',
+                      source)
+    else:
+      logging.info('%s: initialized from scratch', stage)
+    return variables
+  merged, report = checkpoints.merge_variables(variables, checkpoints.load_variables(source))
+  checkpoints.log_merge_report(source, report)
+  return merged
+
+
+def _has_checkpoint(stage_dir: str) -> bool:
+  directory = os.path.join(stage_dir, 'checkpoints')
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _stage_spec(config, workdir, stage: str, spec: QuantSpec, **extra) -> loop.StageSpec:
+  section = config[stage]
+  data_config = stage_data_config(config, stage)
+  info = data.get_info(data_config)
+  model = build_model(config, info, spec)
+  tx, schedule = optimizers.make_optimizer(stage, section,
+                                           data.steps_per_epoch(data_config, config.batch_size))
+  logging.info('%s: %s on %s (%d classes, %d px, %d train / %d eval); %s', stage,
+               config.model.name, info.name, info.num_classes, info.image_size, info.num_train,
+               info.num_eval, optimizers.describe(stage, section))
+  variables = _initial_variables(model, info, config, workdir, section.init, stage)
+  return loop.StageSpec(name=stage, model=model, tx=tx, schedule=schedule, variables=variables,
+                        data_config=data_config, epochs=section.epochs,
+                        label_smoothing=section.label_smoothing, **extra)
+
+
+def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Full-precision training: the initialization of search and finetuning."""
+  _, result = loop.fit(_stage_spec(config, workdir, 'pretrain', quant_spec(config, 'float')),
+                       config, workdir)
+  return {'accuracy': result['accuracy'], 'loss': result['loss']}
+
+
+def _supernet_costs(config, info: data.DatasetInfo) -> tuple[nn.Module, tuple[LayerCost, ...]]:
+  model = build_model(config, info, quant_spec(config, 'supernet'))
+  return model, collect_layer_costs(model, _sample_input(info))
+
+
+def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Supernet search; writes policy.json, the bit-allocation plot and report."""
+  info = data.get_info(stage_data_config(config, 'search'))
+  _, costs = _supernet_costs(config, info)
+  spec = _stage_spec(config, workdir, 'search', quant_spec(config, 'supernet'), costs=costs,
+                     comp_weight=config.search.comp_weight)
+  state, result = loop.fit(spec, config, workdir)
+  params = jax.device_get(state.params)
+  policy = argmax_policy(params, costs)
+  rows = layer_report(params, costs)
+  table = format_report(rows)
+  logging.info('search: per-layer bits and BOPs at %d px (E = expected under the softmax, '
+               'then the argmax policy):\n%s', info.image_size, table)
+  searched = [r for r in rows if r.path in policy]
+  summary = {
+      'accuracy': result['accuracy'], 'loss': result['loss'],
+      'gbops': sum(r.bops_argmax for r in rows) / 1e9,
+      'gbops_expected': sum(r.bops_expected for r in rows) / 1e9,
+      'gbops_8bit': sum(r.macs for r in rows) * 64 / 1e9,
+      'mean_w_bits': float(np.mean([r.w for r in searched])),
+      'mean_a_bits': float(np.mean([r.a for r in searched])),
+  }
+  meta = {'model': config.model.name, 'data': info.name, 'image_size': info.image_size,
+          'sharpness': config.search.sharpness, 'comp_weight': config.search.comp_weight,
+          'w_candidates': list(config.quant.w_bits), 'a_candidates': list(config.quant.a_bits),
+          **summary}
+  save_policy(policy, os.path.join(workdir, POLICY_FILE), meta=meta)
+  with open(os.path.join(workdir, 'search', 'report.txt'), 'w') as f:
+    f.write(table + '\n')
+  plot_bit_allocation(rows, os.path.join(workdir, BITS_PLOT),
+                      title=f'{config.model.name} on {info.name}, {config.search.sharpness} search')
+  logging.info('search: policy -> %s, plot -> %s', os.path.join(workdir, POLICY_FILE),
+               os.path.join(workdir, BITS_PLOT))
+  return summary
+
+
+def _load_finetune_policy(config, workdir: str, info: data.DatasetInfo) -> tuple[Policy, dict]:
+  path = config.finetune.policy or os.path.join(workdir, POLICY_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'finetune needs a policy: {path} does not exist. Run the search '
+                            'stage first, or pass --config.finetune.policy=PATH/policy.json.')
+  policy, meta = load_policy(path)
+  _, costs = _supernet_costs(config, info)
+  validate_policy(policy, searchable_layers(costs))
+  return policy, {'path': path, **meta}
+
+
+def run_finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Quantization-aware training with a fixed policy (from any data set/resolution)."""
+  info = data.get_info(stage_data_config(config, 'finetune'))
+  policy, meta = _load_finetune_policy(config, workdir, info)
+  spec = quant_spec(config, 'fixed', policy)
+  stage = _stage_spec(config, workdir, 'finetune', spec)
+  costs = collect_layer_costs(stage.model, _sample_input(info))
+  gbops = policy_bops(policy, costs) / 1e9
+  logging.info('finetune: policy %s (searched on %s at %s px, %.4f GBOPs there) costs %.4f GBOPs '
+               'at %d px', meta['path'], meta.get('data', '?'), meta.get('image_size', '?'),
+               meta.get('gbops', float('nan')), gbops, info.image_size)
+  _, result = loop.fit(stage, config, workdir)
+  return {'accuracy': result['accuracy'], 'loss': result['loss'], 'gbops': gbops,
+          'policy': meta['path']}
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Evaluates the trained models of this workdir: full precision and quantized."""
+  data_config = stage_data_config(config, 'finetune')
+  info = data.get_info(data_config)
+  models_to_eval: dict[str, Callable[[], QuantSpec]] = {}
+  if _has_checkpoint(os.path.join(workdir, 'pretrain')):
+    models_to_eval['pretrain'] = lambda: quant_spec(config, 'float')
+  if _has_checkpoint(os.path.join(workdir, 'finetune')):
+    models_to_eval['finetune'] = lambda: quant_spec(
+        config, 'fixed', _load_finetune_policy(config, workdir, info)[0])
+  if not models_to_eval:
+    raise FileNotFoundError(f'eval: no trained model in {workdir}; run the pretrain or '
+                            'finetune stage first.')
+  summary = {}
+  for stage, make_spec in models_to_eval.items():
+    spec = make_spec()
+    model = build_model(config, info, spec)
+    variables = checkpoints.load_variables(os.path.join(workdir, stage))
+    state = steps.TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
+                             batch_stats=variables['batch_stats'], opt_state=None)
+    result = loop.evaluate(jax.jit(steps.make_eval_step(model)), state, data_config,
+                           config.eval_batch_size)
+    costs = collect_layer_costs(model, _sample_input(info))
+    gbops = sum(r.bops_argmax for r in layer_report(None, costs)) / 1e9
+    summary[stage] = {'accuracy': result['accuracy'], 'loss': result['loss'], 'gbops': gbops,
+                      'examples': int(result['examples'])}
+    logging.info('eval: %-8s top-1 %.2f%%  loss %.4f  %.4f GBOPs  (%d %s images)', stage,
+                 100 * result['accuracy'], result['loss'], gbops, result['examples'], info.name)
+  return summary
+
+
+STAGE_FNS: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] = {
+    'pretrain': run_pretrain,
+    'search': run_search,
+    'finetune': run_finetune,
+    'eval': run_eval,
+}
