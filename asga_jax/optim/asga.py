@@ -93,7 +93,10 @@ def perturb(params: Any, direction: Any, mask: Any, rho: jax.Array, mu: float = 
   scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1.0), 0.0) - mu
   moved = jax.tree.map(lambda p, d, m: (p + scale * d).astype(p.dtype) if m else p,
                        params, direction, mask)
-  return moved, norm
+  # Without the barrier XLA merges the work that the clean and perturbed passes
+  # share through the unperturbed leaves (logits, clipping levels), keeps those
+  # buffers alive across both passes and fuses less: 5% slower on a CPU ResNet-20.
+  return jax.lax.optimization_barrier(moved), norm
 
 
 def next_rho(rho: jax.Array, phi: jax.Array, h: jax.Array, *, rho0: float,
