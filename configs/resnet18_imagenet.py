@@ -13,13 +13,15 @@ Variants:
   (none)      ImageNet (TFDS imagenet2012, 224 px): QAT with SGD Nesterov, lr 0.04,
               cosine, 5 warm-up epochs, 90 epochs.
   imagenette  the same recipe on TFDS imagenette (10 classes).
-  smoke       proxy-to-target in one run on the embedded sample: search at 32 px
-              (CIFAR stem), finetune and eval at 64 px (ImageNet stem), width 4.
+  demo        proxy-to-target in one run on the embedded sample (width 16): pretrain at
+              64 px (ImageNet stem), search at 32 px (CIFAR stem; the 7x7 stem weights do
+              not fit the 3x3 stem and are re-initialized), finetune and eval at 64 px.
+  smoke       the same flow for one epoch per stage at width 4, from scratch.
 """
 
 import ml_collections
 
-from asga_jax.train.config import default_config, smoke_variant, unknown_variant
+from asga_jax.train.config import default_config, demo_variant, smoke_variant, unknown_variant
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -42,6 +44,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.finetune.lr = 0.01  # linear scaling of 0.04 at batch 256
     return config
+  if variant == 'demo':
+    config = demo_variant(config)
+    config.stages = 'pretrain,search,finetune,eval'
+    config.data.image_size = 64
+    config.search.data.image_size = 32  # the proxy: CIFAR stem at 32 px
+    config.model.width = 16
+    config.eval_batch_size = 200
+    config.pretrain.weight_decay = config.finetune.weight_decay = 5e-4
+    return config
   if variant == 'smoke':
     config = smoke_variant(config, image_size=64)
     config.stages = 'search,finetune,eval'
@@ -50,4 +61,4 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.finetune.init = 'scratch'
     config.finetune.weight_decay = 5e-4
     return config
-  raise unknown_variant('resnet18_imagenet', variant, ('imagenette', 'smoke'))
+  raise unknown_variant('resnet18_imagenet', variant, ('demo', 'smoke', 'imagenette'))

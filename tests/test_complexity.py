@@ -10,7 +10,7 @@ import pytest
 from asga_jax import models, optim
 from asga_jax.quant import (Policy, QuantConv, QuantDense, QuantSpec, argmax_policy,
                             collect_layer_costs, complexity_loss, expected_bits, format_report,
-                            layer_report, policy_bops, reference_bops, total_bops)
+                            layer_report, mean_expected_bits, policy_bops, reference_bops, total_bops)
 
 
 class TwoLayer(nn.Module):
@@ -46,6 +46,9 @@ def test_two_layer_net_against_hand_arithmetic():
   np.testing.assert_allclose(total_bops(params, clist), expected, rtol=1e-5)
   np.testing.assert_allclose(complexity_loss(params, clist),
                              expected / ((3456 + 1152 + 80) * 64), rtol=1e-5)
+
+  mean_w, mean_a = mean_expected_bits(params, clist)
+  np.testing.assert_allclose([mean_w, mean_a], [(3.5 + 2.5 + 4) / 3, (5 + 6 + 8) / 3], rtol=1e-5)
 
   # d E[b] / d logit_j = p_j (b_j - E[b]).
   grads = jax.grad(complexity_loss)(params, clist)

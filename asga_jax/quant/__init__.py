@@ -2,7 +2,8 @@
 
 from asga_jax.quant.complexity import (LayerCost, LayerReport, argmax_bits, argmax_policy,
                                        collect_layer_costs, complexity_loss, expected_bits,
-                                       format_report, layer_report, policy_bops, reference_bops,
+                                       format_report, layer_report, mean_expected_bits,
+                                       policy_bops, reference_bops,
                                        searchable_layers, total_bops)
 from asga_jax.quant.layers import QuantConv, QuantDense, layer_path
 from asga_jax.quant.policy import (LayerBits, Policy, PolicyError, load_policy, save_policy,

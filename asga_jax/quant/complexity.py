@@ -140,6 +140,16 @@ def total_bops(params: Mapping[str, Any], costs: Sequence[LayerCost]) -> jax.Arr
   return total
 
 
+def mean_expected_bits(params: Mapping[str, Any], costs: Sequence[LayerCost]
+                       ) -> tuple[jax.Array, jax.Array]:
+  """(mean E[b_w], mean E[b_a]) over the searchable layers (for progress logs)."""
+  searched = [expected_bits(params, c) for c in costs if c.searchable]
+  if not searched:
+    raise ValueError('no searchable layers: the model is not a supernet.')
+  return (sum(w for w, _ in searched) / len(searched),
+          sum(a for _, a in searched) / len(searched))
+
+
 def reference_bops(costs: Sequence[LayerCost], bits: int = REFERENCE_BITS) -> float:
   """BOPs of the same layers, all at ``bits``/``bits`` (the normalizer)."""
   return float(sum(c.macs for c in costs)) * bits * bits

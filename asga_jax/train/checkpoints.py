@@ -34,6 +34,9 @@ class StageCheckpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+    """Saves ``state`` at ``step`` (asynchronously); a step already saved is skipped."""
+    if step == self.latest_step():
+      return
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(dict(meta))))
 

@@ -134,57 +134,57 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
   step = int(state.step)
   logging.info('%s: %d steps (%g epochs of %d steps, batch %d) from step %d', spec.name, total,
                spec.epochs, steps_per_epoch, batch_size, step)
-  window, result, saved = [], {}, None
+  window, result = [], {}
   first_step_start = time.perf_counter()
+  # Late binding: saves the current step and state wherever it is called.
+  save = lambda: ckpts.save(step, state, _meta(step, steps_per_epoch, config))
   while step < total:
     epoch, start = divmod(step, steps_per_epoch)
-    # Closing the epoch's iterator stops its prefetch threads at once.
-    with contextlib.closing(data.train_batches(
-        spec.data_config, global_batch_size=batch_size, seed=config.seed, epoch=epoch,
-        start_batch=start, process_index=jax.process_index(),
-        process_count=jax.process_count())) as batches:
-      for batch in prefetch(itertools.islice(batches, min(steps_per_epoch - start, total - step))):
-        state, metrics = train_step(state, batch)
-        step += 1
-        if first_step_start is not None:
-          jax.block_until_ready(metrics)
-          reporter.compiled(step, time.perf_counter() - first_step_start)
-          first_step_start = None
-        window.append(metrics)
-        if step % config.log_every_steps == 0 or step == total:
-          means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
-          means['lr'] = float(spec.schedule(step - 1))
-          reporter.train(step, means)
-          window = []
-        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-          ckpts.save(step, state, _meta(step, steps_per_epoch, config))
-          saved = step
-        if _stop_requested:
-          _stop(ckpts, reporter, step, state, steps_per_epoch, config, saved, spec.name)
-    epoch_done = step % steps_per_epoch == 0
-    if step == total or (epoch_done and (step // steps_per_epoch) % config.eval_every_epochs == 0):
+    for batch in _epoch_batches(spec, config, epoch, start,
+                                min(steps_per_epoch - start, total - step)):
+      state, metrics = train_step(state, batch)
+      step += 1
+      if first_step_start is not None:
+        jax.block_until_ready(metrics)
+        reporter.compiled(step, time.perf_counter() - first_step_start)
+        first_step_start = None
+      window.append(metrics)
+      if step % config.log_every_steps == 0 or step == total:
+        means = {k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]}
+        reporter.train(step, {**means, 'lr': float(spec.schedule(step - 1))})
+        window = []
+      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        save()
+      if _stop_requested:
+        save()
+        _finish(ckpts, reporter)
+        raise StopRequested(spec.name, step)
+    if step == total or (step % steps_per_epoch == 0
+                         and (step // steps_per_epoch) % config.eval_every_epochs == 0):
       result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size)
       reporter.eval(step, result)
-    if saved != step:
-      ckpts.save(step, state, _meta(step, steps_per_epoch, config))
-      saved = step
-  ckpts.wait()
-  ckpts.close()
-  reporter.close()
+    save()
+  _finish(ckpts, reporter)
   return state, result
 
 
-def _stop(ckpts: StageCheckpoints, reporter: Reporter, step: int, state: steps.TrainState,
-          steps_per_epoch: int, config: ml_collections.ConfigDict, saved: int | None,
-          stage: str) -> None:
+def _epoch_batches(spec: StageSpec, config: ml_collections.ConfigDict, epoch: int, start: int,
+                   count: int) -> Iterator[dict[str, jax.Array]]:
+  """Batches start .. start+count-1 of ``epoch``, on the device."""
+  # Closing the epoch's iterator stops its input threads at once.
+  with contextlib.closing(data.train_batches(
+      spec.data_config, global_batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+      start_batch=start, process_index=jax.process_index(),
+      process_count=jax.process_count())) as batches:
+    yield from prefetch(itertools.islice(batches, count))
+
+
+def _finish(ckpts: StageCheckpoints, reporter: Reporter) -> None:
   global _stop_requested
   _stop_requested = False
-  if saved != step:
-    ckpts.save(step, state, _meta(step, steps_per_epoch, config))
   ckpts.wait()
   ckpts.close()
   reporter.close()
-  raise StopRequested(stage, step)
 
 
 def _meta(step: int, steps_per_epoch: int, config: ml_collections.ConfigDict) -> dict[str, int]:

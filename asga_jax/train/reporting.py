@@ -13,6 +13,7 @@ from clu import metric_writers
 
 # Console names and formats of the metrics a progress line shows, in order.
 _CONSOLE = (('loss', 'loss', '{:.4f}'), ('accuracy', 'acc', '{:.1%}'), ('gbops', 'GBOPs', '{:.4f}'),
+            ('bits_w', 'bits w', '{:.2f}'), ('bits_a', 'a', '{:.2f}'),
             ('rho', 'rho', '{:.3f}'), ('h', 'h', '{:.4f}'), ('sigma_max', 'sigma', '{:.2f}'),
             ('lr', 'lr', '{:.4g}'))
 

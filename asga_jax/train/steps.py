@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from asga_jax.optim import sharpness_stats
-from asga_jax.quant import LayerCost, complexity_loss, total_bops
+from asga_jax.quant import LayerCost, complexity_loss, mean_expected_bits, total_bops
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -83,7 +83,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
 
   Returns:
     The step function. Metrics: loss (task), accuracy, and for the supernet
-    comp_loss and expected GBOPs, plus rho/h/sigma_max from a sharpness state.
+    comp_loss, expected GBOPs and mean expected bits of the searched layers
+    (bits_w, bits_a), plus rho/h/sigma_max from a sharpness state.
   """
   task_loss = make_task_loss(model, label_smoothing)
   tx = optax.with_extra_args_support(tx)
@@ -95,7 +96,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     if costs:
       comp, comp_grads = jax.value_and_grad(complexity_loss)(state.params, costs)
       grads = jax.tree.map(lambda g, c: g + comp_weight * c, task_grads, comp_grads)
-      metrics.update(comp_loss=comp, gbops=total_bops(state.params, costs) / 1e9)
+      bits_w, bits_a = mean_expected_bits(state.params, costs)
+      metrics.update(comp_loss=comp, gbops=total_bops(state.params, costs) / 1e9,
+                     bits_w=bits_w, bits_a=bits_a)
     grad_fn = jax.value_and_grad(lambda p: task_loss(p, state.batch_stats, batch)[0])
     updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss,
                                    grad_fn=grad_fn, task_grads=task_grads)
