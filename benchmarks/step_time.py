@@ -1,18 +1,24 @@
-"""Step time of supernet SGD, ASGA and optax.contrib.sam on one model and batch.
+"""Step times of the search and QAT steps with and without sharpness, and ratios.
 
   python -m benchmarks.step_time                      # ResNet-20 CIFAR, batch 128
   python -m benchmarks.step_time --rounds 5 --steps 4 --json benchmarks/results/x.json
 
 Each step is jitted with the train state donated and warmed up; then, for
-``--rounds`` rounds, every variant runs ``--steps`` timed steps (medians and
-per-round ratios reported; compile time reported separately). All
-variants share the model, batch, loss and base optimizer (SGD, momentum 0.9):
+``--rounds`` rounds, every variant runs ``--steps`` timed steps; ratios are the
+median over rounds of the rounds' mean step times (means amortize SAQ-ET's
+pass every tau steps); compile time reported separately. All
+variants of a group share the model, batch, loss and base optimizer (SGD,
+momentum 0.9):
 
-* sgd: the supernet search step without sharpness (one gradient evaluation);
-* asga: ``asga_jax.optim.asga`` around the same SGD (two evaluations);
+supernet group (the search step, {2,3,4,6}-bit supernet, lambda 0.1):
+* supernet_sgd: no sharpness (one gradient evaluation);
+* asga, sam: ``asga_jax.optim`` around the same SGD (two evaluations);
 * optax_sam: ``optax.contrib.sam`` in opaque mode (two evaluations), the peer.
+qat group (the finetune step, fixed 4-bit QAT):
+* qat_sgd; saq: SAQ case 3 every step; saq_et: SAQ efficient training, tau=4.
 
-Targets (issue 3): asga / sgd <= 2.05 and asga / optax_sam <= 1.03.
+Targets: asga / supernet_sgd <= 2.05, asga / optax_sam <= 1.03,
+saq_et / qat_sgd <= 1.15 (SAQ paper: 1.12).
 """
 
 from __future__ import annotations
@@ -31,10 +37,10 @@ import numpy as np
 import optax
 
 from asga_jax import models, optim
-from asga_jax.quant import QuantSpec, collect_layer_costs, complexity_loss
+from asga_jax.quant import LayerBits, QuantSpec, collect_layer_costs, complexity_loss
 from asga_jax.train import steps
 
-TARGETS = {'asga/sgd': 2.05, 'asga/optax_sam': 1.03}
+TARGETS = {'asga/supernet_sgd': 2.05, 'asga/optax_sam': 1.03, 'saq_et/qat_sgd': 1.15}
 
 
 def optax_sam_step(model, tx, costs, comp_weight):
@@ -81,34 +87,42 @@ def main() -> None:
   parser.add_argument('--model', default='resnet20', choices=sorted(models.MODELS))
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--size', type=int, default=32)
-  parser.add_argument('--steps', type=int, default=5, help='timed steps per variant and round')
+  parser.add_argument('--steps', type=int, default=8,
+                      help='timed steps per variant and round (a multiple of SAQ-ET tau=4)')
   parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--group', default='all', choices=('supernet', 'qat', 'all'))
   parser.add_argument('--json', default=None, help='write the results here as JSON')
   args = parser.parse_args()
 
-  spec = QuantSpec(mode='supernet', w_bits=(2, 3, 4, 6), a_bits=(2, 3, 4, 6))
-  model = models.create_model(args.model, num_classes=10, quant=spec)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, 3)),
                                 jnp.float32),
            'label': jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
-  variables = jax.jit(model.init)(jax.random.key(0), batch['image'][:1])
-  costs = collect_layer_costs(model, batch['image'][:1])
   base = optax.sgd(0.01, momentum=0.9)
-  comp_weight = 0.1
-  variants = {
-      'sgd': (base, steps.make_train_step(model, base, costs=costs, comp_weight=comp_weight)),
-      'asga': (optim.asga(base),
-               steps.make_train_step(model, optim.asga(base), costs=costs,
-                                     comp_weight=comp_weight)),
-  }
-  sam = optax.contrib.sam(base, optax.chain(optax.contrib.normalize(), optax.sgd(0.1)),
-                          sync_period=2, opaque_mode=True)
-  variants['optax_sam'] = (sam, optax_sam_step(model, sam, costs, comp_weight))
+  variants = {}  # name -> (variables, optimizer, step)
+  if args.group in ('supernet', 'all'):
+    model = models.create_model(args.model, num_classes=10, quant=QuantSpec(mode='supernet'))
+    variables = jax.jit(model.init)(jax.random.key(0), batch['image'][:1])
+    costs = collect_layer_costs(model, batch['image'][:1])
+    search_step = lambda tx: steps.make_train_step(model, tx, costs=costs, comp_weight=0.1)
+    sam = optax.contrib.sam(base, optax.chain(optax.contrib.normalize(), optax.sgd(0.1)),
+                            sync_period=2, opaque_mode=True)
+    for name, tx in (('supernet_sgd', base), ('asga', optim.asga(base)),
+                     ('sam', optim.sam(base, rho=0.1))):
+      variants[name] = (variables, tx, search_step(tx))
+    variants['optax_sam'] = (variables, sam, optax_sam_step(model, sam, costs, 0.1))
+  if args.group in ('qat', 'all'):
+    model = models.create_model(args.model, num_classes=10,
+                                quant=QuantSpec(mode='fixed', uniform=LayerBits(4, 4)))
+    variables = jax.jit(model.init)(jax.random.key(0), batch['image'][:1])
+    for name, tx, qgrads in (('qat_sgd', base, False),
+                             ('saq', optim.saq(base, rho=0.5), True),
+                             ('saq_et', optim.saq(base, rho=0.5, tau=4), True)):
+      variants[name] = (variables, tx, steps.make_train_step(model, tx, quantized_grads=qgrads))
 
   compiled, states, compile_s = {}, {}, {}
-  for name, (tx, step) in variants.items():
-    state = steps.create_train_state(jax.tree.map(jnp.copy, variables), tx)  # donated
+  for name, (variables, tx, step) in variants.items():
+    state = steps.create_train_state(jax.tree.map(jnp.copy, dict(variables)), tx)  # donated
     compiled[name], states[name], compile_s[name] = compile_step(step, state, batch)
   # Rounds: every variant runs once per round, so slow drifts of a shared machine
   # hit all of them; ratios are taken per round, then their median.
@@ -117,18 +131,21 @@ def main() -> None:
   for _ in range(args.rounds):
     for name in variants:
       states[name], times = timed_steps(compiled[name], states[name], batch, args.steps)
-      per_round[name].append(statistics.median(times))
+      per_round[name].append(statistics.fmean(times))  # amortizes SAQ-ET's every-tau pass
       all_times[name].extend(times)
   results = {}
   for name, times in all_times.items():
     results[name] = {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times),
                      'max_ms': 1e3 * max(times), 'compile_s': compile_s[name],
-                     'round_medians_ms': [1e3 * t for t in per_round[name]]}
+                     'round_means_ms': [1e3 * t for t in per_round[name]]}
     r = results[name]
     print(f'{name:>10}: {r["median_ms"]:8.1f} ms/step (min {r["min_ms"]:.1f}, max '
           f'{r["max_ms"]:.1f}), compile+first {r["compile_s"]:.1f} s', flush=True)
-  ratio = lambda a, b: statistics.median(x / y for x, y in zip(per_round[a], per_round[b]))
-  ratios = {'asga/sgd': ratio('asga', 'sgd'), 'asga/optax_sam': ratio('asga', 'optax_sam')}
+  ratios = {}
+  for key in TARGETS:
+    a, b = key.split('/')
+    if a in per_round and b in per_round:
+      ratios[key] = statistics.median(x / y for x, y in zip(per_round[a], per_round[b]))
   for key, value in ratios.items():
     verdict = 'ok' if value <= TARGETS[key] else 'ABOVE TARGET'
     print(f'{key:>16}: {value:.3f}  (target <= {TARGETS[key]}) {verdict}')

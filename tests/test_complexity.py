@@ -34,7 +34,7 @@ def test_two_layer_net_against_hand_arithmetic():
   assert costs['conv'].num_weights == 27 * 8 and costs['fc'].num_weights == 90
   assert costs['dw'].out_shape == (4, 4, 8) and costs['conv'].in_shape == (8, 8, 3)
 
-  params = flax.core.unfreeze(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+  params = flax.core.unfreeze(jax.jit(model.init)(jax.random.key(0, impl='rbg'), jnp.zeros((1, 8, 8, 3))))
   params = params['params']
   params['conv']['w_logits'] = jnp.array([0.0, np.log(3.0)])  # p = (.25, .75): E[bw] = 3.5
   params['conv']['a_logits'] = jnp.array([0.0, 0.0])           # E[ba] = 5
@@ -110,7 +110,7 @@ def test_policy_from_cifar_resnet18_applies_at_224_with_recomputed_bops():
 def test_report_rows_and_table():
   model = models.resnet20(10, quant=QuantSpec(mode='supernet'))
   costs = collect_layer_costs(model, jnp.zeros((1, 32, 32, 3)))
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  params = jax.jit(model.init)(jax.random.key(0, impl='rbg'), jnp.zeros((1, 32, 32, 3)))['params']
   rows = layer_report(params, costs)
   assert rows[1].expected_w == pytest.approx(3.75) and rows[1].w == 2
   assert rows[0].w == 8 and rows[0].bops_argmax == costs[0].macs * 64

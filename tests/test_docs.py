@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ['asga_jax.optim.asga']
+MODULES = ['asga_jax.optim.asga', 'asga_jax.optim.sam']
 
 
 @pytest.mark.parametrize('name', MODULES)

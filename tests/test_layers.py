@@ -14,7 +14,7 @@ BITS = (2, 3, 4, 6)
 
 
 def _init(module, x):
-  return jax.jit(module.init)(jax.random.key(0), x)['params']
+  return jax.jit(module.init)(jax.random.key(0, impl='rbg'), x)['params']
 
 
 def test_supernet_conv_equals_hand_mixture():

@@ -29,7 +29,7 @@ def test_argmax_extraction():
   model = models.resnet20(10, quant=QuantSpec(mode='supernet'))
   x = jnp.zeros((1, 32, 32, 3))
   costs = collect_layer_costs(model, x)
-  params = flax.core.unfreeze(jax.jit(model.init)(jax.random.key(0), x)['params'])
+  params = flax.core.unfreeze(jax.jit(model.init)(jax.random.key(0, impl='rbg'), x)['params'])
   params['stage1']['block1']['conv2']['w_logits'] = jnp.array([0.0, 0.0, 5.0, 1.0])
   params['stage1']['block1']['conv2']['a_logits'] = jnp.array([0.0, 0.0, 0.0, 0.1])
   policy = argmax_policy(params, costs)

@@ -54,6 +54,13 @@ def test_all_stages_write_their_outputs(pipeline_run):
     assert (workdir / stage / 'checkpoints').is_dir()
   saved = json.loads((workdir / 'results.json').read_text())
   assert saved['eval']['finetune']['examples'] == 200  # the whole sample test split
+  for stage in ('pretrain', 'search', 'finetune'):
+    assert saved[stage]['lambda_max'] > 0, stage  # measured at the end of every stage
+    records = [json.loads(l) for l in (workdir / stage / 'metrics.jsonl').read_text().splitlines()]
+    assert {r['kind'] for r in records} == {'train', 'eval'}
+    assert records[-1]['step'] == 20
+  search_log = [json.loads(l) for l in (workdir / 'search' / 'metrics.jsonl').read_text().splitlines()]
+  assert all(r['sigma_max'] == r['sigma_max'] for r in search_log if r['kind'] == 'train')
   assert 0.0 <= saved['eval']['finetune']['accuracy'] <= 1.0
   assert (workdir / 'bits.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -101,7 +108,8 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 
   Compared bitwise: same programs, same data order, same CPU.
   """
-  overrides = {'stages': 'search', 'search.init': 'scratch', 'log_every_steps': 5}
+  overrides = {'stages': 'search', 'search.init': 'scratch', 'log_every_steps': 5,
+               'diagnostics.lambda_max': False}
   straight = tmp_path / 'straight'
   train_and_evaluate(smoke_config(**overrides), str(straight))
 
@@ -135,8 +143,8 @@ def test_stop_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
 def test_cifar_resnet18_policy_finetunes_at_224_with_recomputed_bops(tmp_path):
   search_dir = tmp_path / 'proxy'
   train_and_evaluate(smoke_config(**{'stages': 'search', 'search.init': 'scratch',
-                                     'model.name': 'resnet18', 'data.image_size': 32}),
-                     str(search_dir))
+                                     'model.name': 'resnet18', 'data.image_size': 32,
+                                     'diagnostics.lambda_max': False}), str(search_dir))
   policy, meta = load_policy(search_dir / 'policy.json')
   assert meta['image_size'] == 32 and len(policy) == 19
 
@@ -145,7 +153,8 @@ def test_cifar_resnet18_policy_finetunes_at_224_with_recomputed_bops(tmp_path):
       smoke_config(**{'stages': 'finetune', 'model.name': 'resnet18', 'data.image_size': 224,
                       'finetune.policy': str(search_dir / 'policy.json'),
                       'finetune.init': 'scratch', 'finetune.epochs': 0.05,
-                      'batch_size': 10, 'eval_batch_size': 50}), str(target))
+                      'batch_size': 10, 'eval_batch_size': 50, 'diagnostics.lambda_max': False}),
+      str(target))
   imagenet = models.resnet18(10, stem='imagenet', width=4,
                              quant=QuantSpec(mode='fixed', policy=policy))
   costs = collect_layer_costs(imagenet, jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32))
@@ -165,17 +174,47 @@ def test_missing_tfds_data_fails_before_compute(tmp_path):
 def test_invalid_config_lists_every_problem(tmp_path):
   config = smoke_config(**{'search.lr': -1.0, 'quant.w_bits': (4, 2), 'stages': 'search,train',
                            'model.name': 'resnet999', 'finetune.policy': '/nope/policy.json',
-                           'search.asga.rho0': 0.0})
+                           'search.asga.rho0': 0.0, 'search.asga.perturb': 'weights,bn',
+                           'pretrain.sharpness': 'lookahead', 'diagnostics.landscape': '3d'})
   with pytest.raises(ConfigError) as err:
     validate_config(config)
   msg = str(err.value)
-  for part in ('search.lr', 'quant.w_bits', "'train'", 'resnet999', 'search.asga.rho0'):
+  for part in ('search.lr', 'quant.w_bits', "'train'", 'resnet999', 'search.asga.rho0',
+               'search.asga.perturb', 'diagnostics.landscape'):
     assert part in msg, part
   config.stages = 'finetune'
   with pytest.raises(ConfigError, match='/nope/policy.json'):
     validate_config(config)
+  config = smoke_config(**{'stages': 'pretrain', 'pretrain.sharpness': 'saq',
+                           'pretrain.saq.case': 5, 'pretrain.saq.tau': 0})
+  with pytest.raises(ConfigError) as err:
+    validate_config(config)
+  assert 'pretrain.saq.case' in str(err.value) and 'pretrain.saq.tau' in str(err.value)
 
 
 def test_finetune_without_policy_explains_what_to_do(tmp_path):
   with pytest.raises(FileNotFoundError, match='Run the search stage first'):
     train_and_evaluate(smoke_config(stages='finetune'), str(tmp_path))
+
+
+def test_table3_summary_of_asga_and_probed_edmips_runs(pipeline_run, tmp_path, capsys):
+  """A plain EdMIPS search measured with the probe, against the pipeline's ASGA search."""
+  from asga_jax import compare
+  from asga_jax.train.summary import format_table, summarize_run
+  workdir, _ = pipeline_run
+  edmips = tmp_path / 'edmips'
+  train_and_evaluate(smoke_config(**{'stages': 'search', 'search.init': 'scratch',
+                                     'search.sharpness': 'none', 'search.probe_rho': 0.1,
+                                     'diagnostics.lambda_max': False}), str(edmips))
+  runs = [summarize_run(str(edmips), 'EdMIPS'), summarize_run(str(workdir), 'ASGA')]
+  assert runs[0].sharpness == 'none' and runs[1].sharpness == 'asga'
+  assert runs[0].sigma_max_avg == runs[0].sigma_max_avg  # measured by the probe
+  assert runs[1].lambda_max > 0 and runs[0].lambda_max != runs[0].lambda_max  # not measured
+  table = format_table(runs)
+  assert table.splitlines()[2].startswith('| EdMIPS | none |')
+  assert table.splitlines()[4].startswith('| ASGA - EdMIPS |')
+  compare.FLAGS(['compare', '--labels=EdMIPS,ASGA'])
+  compare.main(['compare', str(edmips), str(workdir)])
+  assert '| ASGA | asga |' in capsys.readouterr().out
+  with pytest.raises(FileNotFoundError, match='no results.json'):
+    summarize_run(str(tmp_path))

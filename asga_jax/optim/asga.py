@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asga_jax.optim import partition
+from asga_jax.optim import sharpness
+from asga_jax.optim.sharpness import Mask
 
 GradFn = Callable[[Any], tuple[jax.Array, Any]]
-Mask = Any  # a pytree of Python bools like params, or a function params -> that
 
 
 class ASGAState(NamedTuple):
@@ -71,32 +71,6 @@ def _validate(rho0: float, rho_max: float, phi: float | None, mu: float, epsilon
     raise ValueError(f'mu must be >= 0, got {mu}.')
   if not epsilon >= 0:
     raise ValueError(f'epsilon must be >= 0, got {epsilon}.')
-
-
-def resolve_mask(mask: Mask | None, params: Any) -> Any:
-  """The perturbation mask as a pytree of bools (default: network weights)."""
-  if mask is None:
-    mask = partition.label_mask(partition.WEIGHTS)
-  return mask(params) if callable(mask) else mask
-
-
-def perturb(params: Any, direction: Any, mask: Any, rho: jax.Array, mu: float = 0.0
-            ) -> tuple[Any, jax.Array]:
-  """params + (rho / ||d|| - mu) * d on the masked leaves; returns (params, ||d||).
-
-  The norm runs over the masked leaves only; a zero direction gives no move.
-  """
-  leaves = [d for d, m in zip(jax.tree.leaves(direction), jax.tree.leaves(mask)) if m]
-  if not leaves:
-    raise ValueError('the perturbation mask selects no parameters.')
-  norm = jnp.sqrt(sum(jnp.sum(jnp.square(d.astype(jnp.float32))) for d in leaves))
-  scale = jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1.0), 0.0) - mu
-  moved = jax.tree.map(lambda p, d, m: (p + scale * d).astype(p.dtype) if m else p,
-                       params, direction, mask)
-  # Without the barrier XLA merges the work that the clean and perturbed passes
-  # share through the unperturbed leaves (logits, clipping levels), keeps those
-  # buffers alive across both passes and fuses less: 5% slower on a CPU ResNet-20.
-  return jax.lax.optimization_barrier(moved), norm
 
 
 def next_rho(rho: jax.Array, phi: jax.Array, h: jax.Array, *, rho0: float,
@@ -157,9 +131,9 @@ def asga_gradient(*, rho0: float = 0.1, rho_max: float = 0.5, phi: float | None 
                        'and `grad_fn` (params -> (loss, grads)): '
                        'tx.update(grads, state, params, value=loss, grad_fn=fn).')
     direction = updates if task_grads is None else task_grads
-    adv_params, _ = perturb(params, direction, resolve_mask(perturb_mask, params), state.rho, mu)
-    adv_value, adv_grads = grad_fn(adv_params)
-    h = (adv_value - value).astype(jnp.float32)
+    h, adv_grads = sharpness.ascent(params, direction,
+                                    sharpness.resolve_mask(perturb_mask, params), state.rho, mu,
+                                    value, grad_fn)
     if epsilon:
       updates = jax.tree.map(lambda u, a: u + epsilon * a.astype(u.dtype), updates, adv_grads)
     rho, new_phi = next_rho(state.rho, state.phi, h, rho0=rho0, rho_max=rho_max,
@@ -205,11 +179,3 @@ def asga(base_optimizer: optax.GradientTransformation, *, rho0: float = 0.1,
   return optax.chain(asga_gradient(rho0=rho0, rho_max=rho_max, phi=phi, mu=mu,
                                    epsilon=epsilon, perturb_mask=perturb_mask),
                      base_optimizer)
-
-
-def sharpness_stats(opt_state: Any) -> dict[str, jax.Array]:
-  """rho, h and sigma_max from the first ASGA state inside ``opt_state``."""
-  for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, ASGAState)):
-    if isinstance(node, ASGAState):
-      return {'rho': node.rho, 'h': node.h, 'sigma_max': node.sigma_max}
-  return {}

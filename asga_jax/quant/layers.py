@@ -33,6 +33,10 @@ from asga_jax.quant.spec import QuantSpec, Resolved
 
 ARCH_LOGITS = ('w_logits', 'a_logits')
 QUANT_PARAMS = ('w_clip', 'a_clip', 'w_step', 'a_step')
+# Variable collection of additive perturbations of the quantized weights (the
+# hook of SAQ-style sharpness-aware training): one 'kernel' entry per layer,
+# created as zeros by `init`; applied only when passed to `apply`.
+PERTURB = 'perturb'
 
 # He-normal (fan_out), as torchvision initializes ResNet convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -62,12 +66,24 @@ def _lsq_step(module: nn.Module, name: str, x: jax.Array, bits: tuple[int, ...],
   return module.param(name, init)
 
 
+def _weight_perturbation(module: nn.Module, kernel: jax.Array) -> jax.Array | None:
+  """The layer's entry of the ``perturb`` collection, if one was passed."""
+  if module.is_initializing() or module.has_variable(PERTURB, 'kernel'):
+    return module.variable(PERTURB, 'kernel', jnp.zeros, kernel.shape, jnp.float32).value
+  return None
+
+
 def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array,
                       q: Resolved, spec: QuantSpec, signed_input: bool
                       ) -> tuple[jax.Array, jax.Array]:
-  """Quantizes (input, kernel) of a layer as ``q`` says, creating its params."""
+  """Quantizes (input, kernel) of a layer as ``q`` says, creating its params.
+
+  A ``perturb`` entry is added to the quantized kernel: in the normalized
+  domain for the clipping quantizer, in the kernel's own scale otherwise.
+  """
   w_probs = _probs(module, 'w_logits', q.w_bits)
   a_probs = _probs(module, 'a_logits', q.a_bits)
+  perturbation = _weight_perturbation(module, kernel)
   if spec.quantizer == 'lsq':
     if q.w_bits is not None:
       step = _lsq_step(module, 'w_step', kernel, q.w_bits, signed=True)
@@ -75,14 +91,17 @@ def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array,
     if q.a_bits is not None:
       step = _lsq_step(module, 'a_step', x, q.a_bits, signed_input)
       x = quantizers.quantize_lsq(x, step, q.a_bits, signed_input, a_probs)
-    return x, kernel
-  if q.w_bits is not None:
-    clip = module.param('w_clip', nn.initializers.constant(spec.w_clip_init), (), jnp.float32)
-    kernel = quantizers.quantize_weight(kernel, jnp.abs(clip), q.w_bits, w_probs)
-  if q.a_bits is not None:
-    clip = module.param('a_clip', nn.initializers.constant(spec.a_clip_init), (), jnp.float32)
-    quantize = quantizers.quantize_signed if signed_input else quantizers.quantize_unsigned
-    x = quantize(x, jnp.abs(clip), q.a_bits, a_probs)
+  else:
+    if q.w_bits is not None:
+      clip = module.param('w_clip', nn.initializers.constant(spec.w_clip_init), (), jnp.float32)
+      kernel = quantizers.quantize_weight(kernel, jnp.abs(clip), q.w_bits, w_probs, perturbation)
+      perturbation = None  # applied inside the quantizer
+    if q.a_bits is not None:
+      clip = module.param('a_clip', nn.initializers.constant(spec.a_clip_init), (), jnp.float32)
+      quantize = quantizers.quantize_signed if signed_input else quantizers.quantize_unsigned
+      x = quantize(x, jnp.abs(clip), q.a_bits, a_probs)
+  if perturbation is not None:
+    kernel = kernel + perturbation
   return x, kernel
 
 

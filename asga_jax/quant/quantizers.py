@@ -106,7 +106,8 @@ def quantize_signed(x: jax.Array, alpha: jax.Array, bits: int | Sequence[int],
 
 
 def quantize_weight(w: jax.Array, alpha: jax.Array, bits: int | Sequence[int],
-                    probs: jax.Array | None = None) -> jax.Array:
+                    probs: jax.Array | None = None,
+                    perturbation: jax.Array | None = None) -> jax.Array:
   """Normalized weight quantizer: standardize, clip-quantize, de-standardize.
 
   The weights are standardized with their (gradient-stopped) mean and standard
@@ -122,14 +123,19 @@ def quantize_weight(w: jax.Array, alpha: jax.Array, bits: int | Sequence[int],
     alpha: clipping level in standard deviations.
     bits: a bit width, or candidates when ``probs`` is given.
     probs: supernet mixing probabilities, or None.
+    perturbation: added to the quantized weights in the normalized domain,
+      before mapping back (SAQ's perturbation of Q_w(w), so that SAQ's radii
+      keep their meaning); None adds nothing.
 
   Returns:
     Quantized weights with the shape and scale of ``w``.
   """
   mean = jax.lax.stop_gradient(jnp.mean(w))
   scale = jax.lax.stop_gradient(jnp.std(w)) + NORM_EPS
-  normalized = (w - mean) / scale
-  return quantize_signed(normalized, alpha, bits, probs) * scale + mean
+  quantized = quantize_signed((w - mean) / scale, alpha, bits, probs)
+  if perturbation is not None:
+    quantized = quantized + perturbation
+  return quantized * scale + mean
 
 
 def lsq_bounds(bits: int, signed: bool) -> tuple[float, float]:

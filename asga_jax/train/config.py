@@ -16,10 +16,11 @@ from ml_collections import config_dict
 
 from asga_jax import models
 from asga_jax.data import default_data_config
+from asga_jax.optim.partition import LABELS
 from asga_jax.quant.spec import QUANTIZERS
 
 STAGES = ('pretrain', 'search', 'finetune', 'eval')
-SHARPNESS = ('none', 'asga')
+SHARPNESS = ('none', 'sam', 'asga', 'saq')
 SCHEDULES = ('cosine', 'constant')
 ARCH_OPTIMIZERS = ('adam', 'sgd')
 
@@ -28,8 +29,21 @@ class ConfigError(ValueError):
   """A configuration value is invalid; the message names the field and the fix."""
 
 
+def _sharpness_sections() -> dict[str, ml_collections.ConfigDict]:
+  """Hyper-parameters of each sharpness-aware method; `perturb` lists parameter labels."""
+  return {
+      'sam': ml_collections.ConfigDict({'rho': 0.05, 'perturb': 'weights'}),
+      'asga': ml_collections.ConfigDict({
+          'rho0': 0.1, 'rho_max': 0.5, 'phi': config_dict.placeholder(float), 'mu': 0.01,
+          'epsilon': 0.1, 'perturb': 'weights'}),
+      'saq': ml_collections.ConfigDict({
+          'rho': 0.5, 'case': 3, 'perturb': 'weights,norm', 'vanilla_loss': True, 'tau': 1,
+          'beta': 0.7}),
+  }
+
+
 def _train_section(*, epochs: int, lr: float, warmup_epochs: float, nesterov: bool,
-                   weight_decay: float) -> ml_collections.ConfigDict:
+                   weight_decay: float, sharpness: str = 'none') -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       'epochs': float(epochs),         # fractional epochs are allowed
       'lr': lr,                        # peak learning rate of the weights
@@ -40,6 +54,10 @@ def _train_section(*, epochs: int, lr: float, warmup_epochs: float, nesterov: bo
       'warmup_epochs': float(warmup_epochs),  # linear warm-up from 0
       'label_smoothing': 0.0,
       'init': 'auto',                  # see each stage
+      'sharpness': sharpness,          # 'none', 'sam', 'asga' or 'saq'
+      'm_sharpness': 0,                # > 0: perturb per sub-batch of this size
+      'probe_rho': 0.0,                # > 0 with sharpness 'none': measure h, sigma_max
+      **_sharpness_sections(),
   })
 
 
@@ -57,9 +75,17 @@ def default_config() -> ml_collections.ConfigDict:
     quant: bit candidates for weights/activations, first/last-layer bits,
       quantizer ('clip' or 'lsq') and clipping initializations.
     pretrain: full-precision training (the initialization of finetuning).
+    Every training stage (pretrain, search, finetune) has ``sharpness``:
+      'none', 'sam', 'asga' or 'saq', with the sections ``sam`` (rho),
+      ``asga`` (rho0, rho_max, phi, mu, epsilon), ``saq`` (rho, case, tau,
+      beta, vanilla_loss); each has ``perturb``, the parameter labels that
+      move ('weights', 'norm', 'quant', 'arch'); ``m_sharpness`` (> 0:
+      perturb per sub-batch of that size); ``probe_rho`` (> 0 with sharpness
+      'none': measure h and sigma_max at that radius, like the ASGA paper's
+      baselines in Table 3, at the cost of a second pass).
     search: supernet search: weights by SGD (lr 0.01), architecture logits by
-      ``arch_optimizer``; lambda = ``comp_weight``; ``sharpness`` 'asga' or
-      'none' (plain EdMIPS); ``asga`` holds rho0, rho_max, phi, mu, epsilon;
+      ``arch_optimizer``; lambda = ``comp_weight``; ``sharpness`` 'asga'
+      (default) or 'none' (plain EdMIPS);
       ``data`` overrides fields of ``data`` for the proxy data set (None
       inherits); ``init`` 'auto' (the pretrain checkpoint of this workdir if
       there is one, else scratch), 'scratch' or a checkpoint directory.
@@ -67,6 +93,11 @@ def default_config() -> ml_collections.ConfigDict:
       epochs); ``policy`` a policy.json ('' = this workdir's search result);
       ``init`` 'auto' (this workdir's pretrain checkpoint), 'scratch' or a
       checkpoint directory.
+    diagnostics: lambda_max (power iteration on Hessian-vector products of the
+      loss on fixed train batches, BatchNorm in eval mode, w.r.t. the network
+      weights) at the end of each training stage and optionally every K
+      epochs; 1-D/2-D loss landscapes along random filter-normalized
+      directions (PNG + .npz in <workdir>/<stage>/).
     log_every_steps, checkpoint_every_steps (0: at the end of each epoch),
     keep_checkpoints, eval_every_epochs.
   """
@@ -92,20 +123,27 @@ def default_config() -> ml_collections.ConfigDict:
   config.pretrain = _train_section(epochs=200, lr=0.1, warmup_epochs=0, nesterov=True,
                                    weight_decay=5e-4)
   config.search = _train_section(epochs=90, lr=0.01, warmup_epochs=0, nesterov=False,
-                                 weight_decay=5e-4)
+                                 weight_decay=5e-4, sharpness='asga')
   config.search.arch_optimizer = 'adam'
   config.search.arch_lr = 5e-3
   config.search.comp_weight = 1.0
-  config.search.sharpness = 'asga'
-  config.search.asga = ml_collections.ConfigDict({
-      'rho0': 0.1, 'rho_max': 0.5, 'phi': config_dict.placeholder(float), 'mu': 0.01,
-      'epsilon': 0.1})
   data = default_data_config()
   config.search.data = ml_collections.ConfigDict(
       {k: config_dict.placeholder(data.get_ref(k).get_type()) for k in data})
   config.finetune = _train_section(epochs=90, lr=0.04, warmup_epochs=5, nesterov=True,
                                    weight_decay=5e-4)
   config.finetune.policy = ''
+  config.diagnostics = ml_collections.ConfigDict({
+      'lambda_max': True,             # top Hessian eigenvalue at the end of each stage
+      'lambda_max_every_epochs': 0,   # > 0: also every this many epochs
+      'lambda_max_iters': 20,         # power-iteration cap
+      'lambda_max_tol': 1e-3,         # relative change that stops the iteration
+      'num_batches': 2,               # fixed, unaugmented train batches (eval_batch_size each)
+      'landscape': '',                # '1d', '2d' or '1d,2d': plots at the end of each stage
+      'landscape_points': 21,         # 1-D resolution
+      'landscape_grid': 11,           # 2-D resolution (grid x grid evaluations)
+      'landscape_span': 1.0,          # coefficients in [-span, span] of filter-normalized directions
+  })
   config.log_every_steps = 50
   config.checkpoint_every_steps = 0
   config.keep_checkpoints = 2
@@ -122,6 +160,10 @@ def demo_variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   config.search.arch_lr = 0.05  # few steps: the logits must move far enough to mean something
   config.finetune.epochs = 8.0
   config.finetune.warmup_epochs = 1.0
+  config.diagnostics.num_batches = 1
+  config.diagnostics.lambda_max_iters = 10
+  config.diagnostics.lambda_max_tol = 1e-2
+  config.diagnostics.landscape = '1d'
   config.log_every_steps = 15
   return config
 
@@ -138,6 +180,8 @@ def smoke_variant(config: ml_collections.ConfigDict, *, width: int = 4,
     config[stage].epochs = 1.0
     config[stage].warmup_epochs = 0.0
   config.search.arch_lr = 0.05
+  config.diagnostics.num_batches = 1
+  config.diagnostics.lambda_max_iters = 5
   config.log_every_steps = 5
   return config
 
@@ -178,6 +222,63 @@ def _check_bits(problems: list[str], name: str, bits: Sequence[int]) -> None:
   elif list(bits) != sorted(set(bits)):
     problems.append(f'{name} must be sorted and distinct, got {bits} '
                     f'(e.g. --config.{name}="{tuple(sorted(set(bits)))}")')
+
+
+def _labels(problems: list[str], name: str, value: str) -> None:
+  labels = [l.strip() for l in value.split(',') if l.strip()]
+  if not labels or set(labels) - set(LABELS):
+    problems.append(f'{name} must be comma-separated labels out of {LABELS}, got {value!r}')
+
+
+def _check_sharpness(problems: list[str], stage: str, section: ml_collections.ConfigDict
+                     ) -> None:
+  kind = section.sharpness
+  if kind not in SHARPNESS:
+    problems.append(f'{stage}.sharpness must be one of {SHARPNESS}, got {kind!r}')
+    return
+  if not isinstance(section.m_sharpness, int) or section.m_sharpness < 0:
+    problems.append(f'{stage}.m_sharpness must be an integer >= 0, got {section.m_sharpness!r}')
+  _positive(problems, f'{stage}.probe_rho', section.probe_rho, allow_zero=True)
+  if kind == 'none':
+    return
+  hp, name = section[kind], f'{stage}.{kind}'
+  _labels(problems, f'{name}.perturb', hp.perturb)
+  if kind == 'sam':
+    _positive(problems, f'{name}.rho', hp.rho)
+  elif kind == 'asga':
+    for field in ('rho0', 'rho_max'):
+      _positive(problems, f'{name}.{field}', hp[field])
+    for field in ('mu', 'epsilon'):
+      _positive(problems, f'{name}.{field}', hp[field], allow_zero=True)
+    if hp.phi is not None:
+      _positive(problems, f'{name}.phi', hp.phi)
+    if all(isinstance(hp[f], (int, float)) for f in ('rho0', 'rho_max')) and hp.rho_max < hp.rho0:
+      problems.append(f'{name}.rho_max ({hp.rho_max}) must be >= {name}.rho0 ({hp.rho0})')
+  else:
+    _positive(problems, f'{name}.rho', hp.rho)
+    _positive(problems, f'{name}.beta', hp.beta, allow_zero=True)
+    if hp.case not in (1, 2, 3):
+      problems.append(f'{name}.case must be 1, 2 or 3, got {hp.case!r}')
+    if not isinstance(hp.tau, int) or hp.tau < 1:
+      problems.append(f'{name}.tau must be an integer >= 1, got {hp.tau!r}')
+
+
+def landscape_kinds(diagnostics: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return tuple(k.strip() for k in diagnostics.landscape.split(',') if k.strip())
+
+
+def _check_diagnostics(problems: list[str], d: ml_collections.ConfigDict) -> None:
+  for name in ('lambda_max_iters', 'num_batches', 'landscape_points', 'landscape_grid'):
+    if not isinstance(d[name], int) or d[name] < 1:
+      problems.append(f'diagnostics.{name} must be a positive integer, got {d[name]!r}')
+  if not isinstance(d.lambda_max_every_epochs, int) or d.lambda_max_every_epochs < 0:
+    problems.append('diagnostics.lambda_max_every_epochs must be an integer >= 0, got '
+                    f'{d.lambda_max_every_epochs!r}')
+  _positive(problems, 'diagnostics.lambda_max_tol', d.lambda_max_tol)
+  _positive(problems, 'diagnostics.landscape_span', d.landscape_span)
+  unknown = set(landscape_kinds(d)) - {'1d', '2d'}
+  if unknown:
+    problems.append(f"diagnostics.landscape must list '1d' and/or '2d', got {d.landscape!r}")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -225,27 +326,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f'directory, got {section.init!r}')
   if 'search' in stages:
     s = config.search
-    if s.sharpness not in SHARPNESS:
-      problems.append(f'search.sharpness must be one of {SHARPNESS}, got {s.sharpness!r}')
     if s.arch_optimizer not in ARCH_OPTIMIZERS:
       problems.append(f'search.arch_optimizer must be one of {ARCH_OPTIMIZERS}, got '
                       f'{s.arch_optimizer!r}')
     _positive(problems, 'search.arch_lr', s.arch_lr)
     _positive(problems, 'search.comp_weight', s.comp_weight, allow_zero=True)
-    a = s.asga
-    _positive(problems, 'search.asga.rho0', a.rho0)
-    _positive(problems, 'search.asga.rho_max', a.rho_max)
-    _positive(problems, 'search.asga.epsilon', a.epsilon, allow_zero=True)
-    _positive(problems, 'search.asga.mu', a.mu, allow_zero=True)
-    if a.phi is not None:
-      _positive(problems, 'search.asga.phi', a.phi)
-    if isinstance(a.rho_max, (int, float)) and isinstance(a.rho0, (int, float)) and \
-        a.rho_max < a.rho0:
-      problems.append(f'search.asga.rho_max ({a.rho_max}) must be >= search.asga.rho0 ({a.rho0})')
+  for stage in ('pretrain', 'search', 'finetune'):
+    if stage in stages:
+      _check_sharpness(problems, stage, config[stage])
   if 'finetune' in stages and config.finetune.policy and \
       not os.path.isfile(config.finetune.policy):
     problems.append(f'finetune.policy {config.finetune.policy!r} does not exist; pass a '
                     'policy.json written by a search, or leave it empty to use this '
                     "workdir's search result")
+  _check_diagnostics(problems, config.diagnostics)
   if problems:
     raise ConfigError('invalid configuration:\n  - ' + '\n  - '.join(problems))

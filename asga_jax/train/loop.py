@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -59,6 +59,7 @@ class StageSpec:
     epochs: training length.
     costs, comp_weight: complexity loss of a supernet (None otherwise).
     label_smoothing: of the cross-entropy.
+    quantized_grads, m_sharpness: see :func:`steps.make_train_step`.
   """
   name: str
   model: nn.Module
@@ -70,6 +71,8 @@ class StageSpec:
   costs: Sequence[LayerCost] | None = None
   comp_weight: float = 0.0
   label_smoothing: float = 0.0
+  quantized_grads: bool = False
+  m_sharpness: int = 0
 
 
 def prefetch(batches: Iterator[Mapping[str, np.ndarray]], size: int = 2
@@ -99,12 +102,22 @@ def evaluate(eval_step, state: steps.TrainState, data_config: ml_collections.Con
           'examples': count}
 
 
-def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
-        ) -> tuple[steps.TrainState, dict[str, float]]:
+EpochHook = Callable[[int, steps.TrainState], Mapping[str, float]]
+
+
+def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
+        epoch_hook: EpochHook | None = None) -> tuple[steps.TrainState, dict[str, float]]:
   """Trains ``spec`` to the end, resuming from its latest checkpoint.
 
   Data order is a function of (seed, epoch), so the step count alone tells
   where to resume: epoch = step // steps_per_epoch and the batch inside it.
+
+  Args:
+    spec: what to train.
+    config: the run configuration.
+    workdir: the run directory.
+    epoch_hook: called as ``hook(epoch, state)`` after each completed epoch;
+      the metrics it returns (e.g. lambda_max) are logged as diagnostics.
 
   Returns:
     (final train state, final eval metrics).
@@ -128,7 +141,9 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
 
   train_step = jax.jit(steps.make_train_step(spec.model, spec.tx, costs=spec.costs,
                                              comp_weight=spec.comp_weight,
-                                             label_smoothing=spec.label_smoothing),
+                                             label_smoothing=spec.label_smoothing,
+                                             quantized_grads=spec.quantized_grads,
+                                             m_sharpness=spec.m_sharpness),
                        donate_argnums=0)
   reporter = Reporter(workdir, spec.name, total, steps_per_epoch, batch_size)
   step = int(state.step)
@@ -163,6 +178,10 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str
                          and (step // steps_per_epoch) % config.eval_every_epochs == 0):
       result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size)
       reporter.eval(step, result)
+    if epoch_hook is not None and step % steps_per_epoch == 0:
+      measured = epoch_hook(step // steps_per_epoch, state)
+      if measured:
+        reporter.diagnostic(step, measured)
     save()
   _finish(ckpts, reporter)
   return state, result

@@ -34,13 +34,39 @@ def _network_optimizer(section: ml_collections.ConfigDict, schedule: optax.Sched
       optax.sgd(schedule, momentum=section.momentum or None, nesterov=section.nesterov))
 
 
+def _labels(spec: str) -> list[str]:
+  return [label.strip() for label in spec.split(',') if label.strip()]
+
+
+def sharpness_transform(section: ml_collections.ConfigDict
+                        ) -> optax.GradientTransformationExtraArgs | None:
+  """The stage's sharpness-aware gradient transform (None for plain SGD)."""
+  kind = section.sharpness
+  if kind == 'none':
+    return optim.sharpness_probe(rho=section.probe_rho) if section.probe_rho > 0 else None
+  hp = section[kind]
+  mask = optim.label_mask(*_labels(hp.perturb))
+  if kind == 'sam':
+    return optim.sam_gradient(rho=hp.rho, perturb_mask=mask)
+  if kind == 'asga':
+    return optim.asga_gradient(rho0=hp.rho0, rho_max=hp.rho_max, phi=hp.phi, mu=hp.mu,
+                               epsilon=hp.epsilon, perturb_mask=mask)
+  return optim.saq_gradient(rho=hp.rho, case=hp.case, perturb_mask=mask,
+                            vanilla_loss=hp.vanilla_loss, tau=hp.tau, beta=hp.beta)
+
+
+def needs_quantized_grads(section: ml_collections.ConfigDict) -> bool:
+  """SAQ cases 1 and 3 perturb the quantized weights: the step must supply dL/dQ(w)."""
+  return section.sharpness == 'saq' and section.saq.case in (1, 3)
+
+
 def make_optimizer(stage: str, section: ml_collections.ConfigDict, steps_per_epoch: int
                    ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
   """The optimizer of ``stage`` and its weight learning-rate schedule.
 
-  pretrain and finetune: SGD on every parameter. search: SGD on the network,
-  ``arch_optimizer`` on the architecture logits (``optax.multi_transform``),
-  wrapped in ASGA when ``sharpness == 'asga'``.
+  SGD on the network (weight decay on conv/dense weights only); in the search,
+  ``arch_optimizer`` on the architecture logits (``optax.multi_transform``);
+  the stage's sharpness-aware transform, if any, in front.
   """
   schedule = learning_rate_schedule(section, steps_per_epoch)
   tx = _network_optimizer(section, schedule)
@@ -52,20 +78,23 @@ def make_optimizer(stage: str, section: ml_collections.ConfigDict, steps_per_epo
     group = lambda params: jax.tree.map(lambda l: 'arch' if l == optim.ARCH else 'net',
                                         optim.param_labels(params))
     tx = optax.multi_transform({'net': tx, 'arch': arch}, group)
-    if section.sharpness == 'asga':
-      a = section.asga
-      tx = optim.asga(tx, rho0=a.rho0, rho_max=a.rho_max, phi=a.phi, mu=a.mu,
-                      epsilon=a.epsilon)
+  sharp = sharpness_transform(section)
+  if sharp is not None:
+    tx = optax.chain(sharp, tx)
   return optax.with_extra_args_support(tx), schedule
 
 
-def describe(tx_stage: str, section: ml_collections.ConfigDict) -> dict[str, Any]:
+def describe(stage: str, section: ml_collections.ConfigDict) -> dict[str, Any]:
   """The optimizer settings of a stage, for the log."""
   info = {k: section[k] for k in ('epochs', 'lr', 'momentum', 'nesterov', 'weight_decay',
-                                  'schedule', 'warmup_epochs')}
-  if tx_stage == 'search':
+                                  'schedule', 'warmup_epochs', 'sharpness')}
+  if stage == 'search':
     info.update(arch_optimizer=section.arch_optimizer, arch_lr=section.arch_lr,
-                comp_weight=section.comp_weight, sharpness=section.sharpness)
-    if section.sharpness == 'asga':
-      info.update({f'asga.{k}': v for k, v in section.asga.items()})
+                comp_weight=section.comp_weight)
+  if section.sharpness != 'none':
+    info.update({f'{section.sharpness}.{k}': v for k, v in section[section.sharpness].items()})
+  if section.m_sharpness:
+    info['m_sharpness'] = section.m_sharpness
+  if section.sharpness == 'none' and section.probe_rho:
+    info['probe_rho'] = section.probe_rho
   return info

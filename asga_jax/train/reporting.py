@@ -1,7 +1,8 @@
-"""Progress lines on the console and scalars in TensorBoard (clu metric writers)."""
+"""Progress lines on the console, scalars in TensorBoard (clu) and metrics.jsonl."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -26,10 +27,12 @@ def _duration(seconds: float) -> str:
 
 
 class Reporter:
-  """Writes a stage's metrics to TensorBoard and readable lines to the log.
+  """Writes a stage's metrics to TensorBoard, metrics.jsonl and readable log lines.
 
-  TensorBoard events go to ``<workdir>/tensorboard/<stage>``; only process 0
-  writes them.
+  TensorBoard events go to ``<workdir>/tensorboard/<stage>``; one JSON object
+  per logged step to ``<workdir>/<stage>/metrics.jsonl`` (``{"kind": "train"
+  or "eval", "step", "epoch", ...metrics}``, appended across resumed runs).
+  Only process 0 writes files.
   """
 
   def __init__(self, workdir: str, stage: str, total_steps: int, steps_per_epoch: int,
@@ -40,6 +43,8 @@ class Reporter:
     # Our own console lines replace clu's LoggingWriter; only process 0 writes events.
     writers = [metric_writers.SummaryWriter(self.logdir)] if jax.process_index() == 0 else []
     self._writer = metric_writers.AsyncMultiWriter(writers)
+    self._jsonl = (os.path.join(workdir, stage, 'metrics.jsonl')
+                   if jax.process_index() == 0 else None)
     self._window_start = (None, time.perf_counter())
     self._stage_start = time.perf_counter()
 
@@ -51,6 +56,8 @@ class Reporter:
     if first is not None and step > first:
       scalars['train/images_per_sec'] = (step - first) * self.batch_size / (now - t0)
     self._writer.write_scalars(step, scalars)
+    self._append('train', step, {**metrics, **({'images_per_sec': scalars['train/images_per_sec']}
+                                               if 'train/images_per_sec' in scalars else {})})
     epoch = step / self.steps_per_epoch
     parts = [f'{self.stage:<8} ep {epoch:6.2f}  step {step:>6}/{self.total_steps}']
     for key, name, fmt in _CONSOLE:
@@ -68,8 +75,22 @@ class Reporter:
     logging.info('%s: first step compiled and ran in %.1f s', self.stage, seconds)
     self._window_start = (step, time.perf_counter())
 
+  def _append(self, kind: str, step: int, metrics: Mapping[str, float]) -> None:
+    if self._jsonl is None:
+      return
+    record = {'kind': kind, 'step': step, 'epoch': step / self.steps_per_epoch,
+              **{k: float(v) for k, v in metrics.items()}}
+    with open(self._jsonl, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+  def diagnostic(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Logs diagnostics (e.g. lambda_max) measured during training."""
+    self._writer.write_scalars(step, {f'diagnostics/{k}': float(v) for k, v in metrics.items()})
+    self._append('diagnostic', step, metrics)
+
   def eval(self, step: int, metrics: Mapping[str, float]) -> None:
     self._writer.write_scalars(step, {f'eval/{k}': float(v) for k, v in metrics.items()})
+    self._append('eval', step, metrics)
     logging.info('%-8s eval at step %d: loss %.4f  top-1 %.2f%%  (%d images)', self.stage, step,
                  metrics['loss'], 100 * metrics['accuracy'], metrics['examples'])
 

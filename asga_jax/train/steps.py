@@ -3,8 +3,8 @@
 One train step serves every stage: full-precision pretraining, supernet search
 (plain or sharpness-aware) and fixed-policy QAT. The optimizer decides what a
 step does; the step always hands it the extra arguments a sharpness-aware
-transform needs (``value``, ``grad_fn``, ``task_grads``), which plain optax
-optimizers ignore.
+transform needs (``value``, ``grad_fn``, ``task_grads``, ``quantized_grads``),
+which plain optax optimizers ignore.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import optax
 
 from asga_jax.optim import sharpness_stats
 from asga_jax.quant import LayerCost, complexity_loss, mean_expected_bits, total_bops
+from asga_jax.quant.layers import PERTURB
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -50,36 +51,66 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def make_task_loss(model: nn.Module, label_smoothing: float = 0.0) -> Callable[..., Any]:
-  """``task_loss(params, batch_stats, batch) -> (loss, (logits, new batch_stats))``."""
+  """``task_loss(params, batch_stats, batch, weight_perturbation=None)``.
 
-  def task_loss(params, batch_stats, batch):
-    logits, updated = model.apply({'params': params, 'batch_stats': batch_stats},
-                                  batch['image'], train=True, mutable=['batch_stats'])
+  Returns (loss, (logits, new batch_stats)); ``weight_perturbation`` (the
+  model's ``perturb`` collection) is added to the quantized kernels.
+  """
+
+  def task_loss(params, batch_stats, batch, weight_perturbation=None):
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if weight_perturbation is not None:
+      variables[PERTURB] = weight_perturbation
+    logits, updated = model.apply(variables, batch['image'], train=True,
+                                  mutable=['batch_stats'])
     loss = cross_entropy(logits, batch['label'], label_smoothing).mean()
     return loss, (logits, updated['batch_stats'])
 
   return task_loss
 
 
+def zero_weight_perturbation(model: nn.Module, images: jax.Array) -> Any:
+  """Zeros shaped like the model's ``perturb`` collection (one entry per quantized kernel)."""
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images[:1])
+  if PERTURB not in shapes:
+    raise ValueError(f'{type(model).__name__} has no quantized layers to perturb.')
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[PERTURB])
+
+
+def _split(batch: Batch, size: int) -> Batch:
+  """Reshapes every array of ``batch`` to (batch // size, size, ...)."""
+  n = batch['image'].shape[0]
+  if n % size:
+    raise ValueError(f'm-sharpness: the per-process batch ({n}) must be a multiple of m ({size}).')
+  return {k: v.reshape(n // size, size, *v.shape[1:]) for k, v in batch.items()}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     costs: Sequence[LayerCost] | None = None, comp_weight: float = 0.0,
-                    label_smoothing: float = 0.0) -> Callable[[TrainState, Batch],
-                                                              tuple[TrainState, Metrics]]:
+                    label_smoothing: float = 0.0, quantized_grads: bool = False,
+                    m_sharpness: int = 0) -> Callable[[TrainState, Batch],
+                                                      tuple[TrainState, Metrics]]:
   """Builds ``step(state, batch) -> (state, metrics)`` (not jitted; jit it).
 
   The loss is L(t) + comp_weight * L_comp(t), L the mean cross-entropy and
   L_comp the normalized expected BOPs of :func:`asga_jax.quant.complexity_loss`
-  (only when ``costs`` are given, i.e. for the supernet). BatchNorm running
-  statistics come from the clean pass; a sharpness-aware transform's second
-  pass uses batch statistics and its updated statistics are dropped.
+  (only when ``costs`` are given, i.e. for the supernet). The optimizer gets
+  the extra arguments of the sharpness-aware transforms (see
+  :mod:`asga_jax.optim.sharpness`): ``value``, ``grad_fn(params,
+  weight_perturbation=None)``, ``task_grads`` and ``quantized_grads``. BatchNorm
+  running statistics come from the clean pass; a second pass uses batch
+  statistics and its updated statistics are dropped.
 
   Args:
     model: a Flax model called as ``model.apply(vars, images, train=True)``.
-    tx: the optimizer; sharpness-aware transforms get ``value``, ``grad_fn``
-      and ``task_grads`` as extra arguments.
+    tx: the optimizer.
     costs: layer costs of a supernet model, for the complexity loss.
     comp_weight: lambda.
     label_smoothing: label smoothing of the cross-entropy.
+    quantized_grads: also compute dL/dQ(w) (SAQ cases 1 and 3).
+    m_sharpness: if > 0, the clean pass runs on sub-batches of this size (with
+      their own BatchNorm statistics, as on separate devices) and the
+      sharpness transform perturbs each sub-batch along its own gradient.
 
   Returns:
     The step function. Metrics: loss (task), accuracy, and for the supernet
@@ -89,23 +120,53 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
   task_loss = make_task_loss(model, label_smoothing)
   tx = optax.with_extra_args_support(tx)
 
+  def clean_pass(params, batch_stats, batch):
+    if quantized_grads:
+      zeros = zero_weight_perturbation(model, batch['image'])
+      (loss, aux), (grads, qgrads) = jax.value_and_grad(task_loss, argnums=(0, 3), has_aux=True)(
+          params, batch_stats, batch, zeros)
+    else:
+      (loss, aux), grads = jax.value_and_grad(task_loss, has_aux=True)(params, batch_stats, batch)
+      qgrads = None
+    return loss, grads, qgrads, aux
+
+  def perturbed_grads(batch_stats, batch):
+    """(params, weight_perturbation) -> (L, grad L) at fixed BN statistics and batch."""
+    return lambda p, wp=None: jax.value_and_grad(
+        lambda q: task_loss(q, batch_stats, batch, wp)[0])(p)
+
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    (loss, (logits, batch_stats)), task_grads = jax.value_and_grad(task_loss, has_aux=True)(
-        state.params, state.batch_stats, batch)
-    grads, metrics = task_grads, {}
+    if m_sharpness:
+      chunks = _split(batch, m_sharpness)
+      value, task_grads, qgrads, (logits, batch_stats) = jax.vmap(
+          clean_pass, in_axes=(None, None, 0))(state.params, state.batch_stats, chunks)
+      logits = logits.reshape(-1, logits.shape[-1])
+      batch_stats = jax.tree.map(lambda x: jnp.mean(x, axis=0), batch_stats)
+      per_chunk = lambda p, wp, c: perturbed_grads(state.batch_stats, c)(p, wp)
+      grad_fn = lambda p, wp=None: jax.vmap(per_chunk, in_axes=(0, None if wp is None else 0, 0))(
+          p, wp, chunks)
+      mean_grads = jax.tree.map(lambda x: jnp.mean(x, axis=0), task_grads)
+    else:
+      value, task_grads, qgrads, (logits, batch_stats) = clean_pass(
+          state.params, state.batch_stats, batch)
+      grad_fn = perturbed_grads(state.batch_stats, batch)
+      mean_grads = task_grads
+    loss = jnp.mean(value)
+    grads, metrics = mean_grads, {}
     if costs:
       comp, comp_grads = jax.value_and_grad(complexity_loss)(state.params, costs)
-      grads = jax.tree.map(lambda g, c: g + comp_weight * c, task_grads, comp_grads)
+      grads = jax.tree.map(lambda g, c: g + comp_weight * c, mean_grads, comp_grads)
       bits_w, bits_a = mean_expected_bits(state.params, costs)
       metrics.update(comp_loss=comp, gbops=total_bops(state.params, costs) / 1e9,
                      bits_w=bits_w, bits_a=bits_a)
-    grad_fn = jax.value_and_grad(lambda p: task_loss(p, state.batch_stats, batch)[0])
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss,
-                                   grad_fn=grad_fn, task_grads=task_grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=value,
+                                   grad_fn=grad_fn, task_grads=task_grads,
+                                   quantized_grads=qgrads)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
-    metrics.update(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+    labels = batch['label'].reshape(-1)
+    metrics.update(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
                    **sharpness_stats(opt_state))
     return new_state, metrics
 
