@@ -1,5 +1,7 @@
 """SAM, SAQ (cases 1-3, efficient training), m-sharpness and the probe."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -158,34 +160,37 @@ def saq_reference(case, steps_, *, rho, vanilla, tau, beta):
   return out
 
 
-def saq_ours(case, steps_, *, rho, vanilla, tau, beta):
+def saq_ours(case, steps_, *, rho, vanilla, tau, beta, static_phases=False):
   params = {'layer': {'kernel': jnp.array([1.0, 0.2, -0.4])}, 'bias': jnp.array([0.3, -0.2])}
   zeros = {'layer': {'kernel': jnp.zeros(3)}}
   tx = optim.saq(optax.sgd(LR, momentum=MOMENTUM), rho=rho, case=case, vanilla_loss=vanilla,
                  tau=tau, beta=beta, perturb_mask={'layer': {'kernel': True}, 'bias': True})
   state = tx.init(params)
 
-  @jax.jit
-  def step(params, state):
+  def step(params, state, **phase):
     value, (task_grads, qgrads) = jax.value_and_grad(_saq_loss, argnums=(0, 1))(params, zeros)
     grads = {'layer': task_grads['layer'], 'bias': task_grads['bias'] + LAM * params['bias']}
     grad_fn = lambda p, wp=None: jax.value_and_grad(lambda q: _saq_loss(q, wp))(p)
     updates, state = tx.update(grads, state, params, value=value, grad_fn=grad_fn,
-                               task_grads=task_grads, quantized_grads=qgrads)
+                               task_grads=task_grads, quantized_grads=qgrads, **phase)
     return optax.apply_updates(params, updates), state
 
+  phases = {p: jax.jit(functools.partial(step, sharpness_step=p)) for p in (True, False)}
   out = []
-  for _ in range(steps_):
-    params, state = step(params, state)
+  for t in range(steps_):
+    step_t = phases[t % tau == 0] if static_phases else jax.jit(step)
+    params, state = step_t(params, state)
     out.append((params['layer']['kernel'], params['bias'], optim.sharpness_stats(state)['h']))
   return out
 
 
-@pytest.mark.parametrize('case,vanilla,tau', [(1, True, 1), (2, True, 1), (3, True, 1),
-                                              (3, False, 1), (3, True, 3)])
-def test_saq_matches_numpy_reference(case, vanilla, tau):
+@pytest.mark.parametrize('case,vanilla,tau,static', [
+    (1, True, 1, False), (2, True, 1, False), (3, True, 1, False), (3, False, 1, False),
+    (3, True, 3, False), (3, True, 3, True)])
+def test_saq_matches_numpy_reference(case, vanilla, tau, static):
   hp = dict(rho=0.3, vanilla=vanilla, tau=tau, beta=0.7)
-  for t, (mine, ref) in enumerate(zip(saq_ours(case, 7, **hp), saq_reference(case, 7, **hp))):
+  mine = saq_ours(case, 7, **hp, static_phases=static)
+  for t, (mine, ref) in enumerate(zip(mine, saq_reference(case, 7, **hp))):
     for a, b in zip(mine, ref):
       np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-6,
                                  err_msg=f'case {case}, step {t}')
@@ -247,7 +252,8 @@ def test_saq_case3_perturbs_after_quantization_case2_before():
   np.testing.assert_allclose(u - u_clean, e / abs(float(params['w_clip'])), atol=1e-5)
 
 
-def test_saq_efficient_training_counts_gradient_evaluations():
+@pytest.mark.parametrize('static', [False, True])
+def test_saq_efficient_training_counts_gradient_evaluations(static):
   params = {'layer': {'kernel': jnp.array([1.0, 0.2, -0.4])}, 'bias': jnp.array([0.3, -0.2])}
   zeros = {'layer': {'kernel': jnp.zeros(3)}}
   calls = []
@@ -261,17 +267,25 @@ def test_saq_efficient_training_counts_gradient_evaluations():
                  perturb_mask={'layer': {'kernel': True}, 'bias': True})
   state = tx.init(params)
 
-  @jax.jit
-  def step(params, state):
+  def step(params, state, **phase):
     value, (g, qg) = jax.value_and_grad(_saq_loss, argnums=(0, 1))(params, zeros)
     updates, state = tx.update(g, state, params, value=value, grad_fn=grad_fn, task_grads=g,
-                               quantized_grads=qg)
+                               quantized_grads=qg, **phase)
     return optax.apply_updates(params, updates), state
 
-  for _ in range(n):
-    params, state = step(params, state)
+  phases = {p: jax.jit(functools.partial(step, sharpness_step=p)) for p in (True, False)}
+  for t in range(n):
+    params, state = (phases[t % tau == 0] if static else jax.jit(step))(params, state)
   jax.effects_barrier()
   assert len(calls) == n // tau == 3
+
+
+def test_saq_sharpness_step_must_be_static():
+  params = {'kernel': jnp.ones(2)}
+  tx = optim.saq_gradient(case=2, tau=2, perturb_mask={'kernel': True})
+  with pytest.raises(TypeError, match='Python bool'):
+    tx.update(params, tx.init(params), params, value=jnp.asarray(1.0),
+              grad_fn=lambda p, wp=None: (jnp.asarray(1.0), p), sharpness_step=jnp.asarray(True))
 
 
 def test_saq_case3_requires_quantized_grads():
@@ -331,3 +345,22 @@ def test_train_step_m_sharpness_runs_with_ghost_batch_norm():
   assert np.isfinite(float(metrics['loss'])) and float(metrics['h']) != 0.0
   with pytest.raises(ValueError, match='multiple of m'):
     jax.jit(steps.make_train_step(model, tx, quantized_grads=True, m_sharpness=3))(state, batch)
+
+
+def test_jit_train_step_static_phases_match_in_graph_choice():
+  from asga_jax import models
+  model = models.resnet8(10, width=4, quant=QuantSpec(mode='fixed', uniform=LayerBits(4, 4)))
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
+  batch = {'image': x, 'label': jnp.arange(8) % 10}
+  variables = jax.jit(model.init)(jax.random.key(1, impl='rbg'), x)
+  tx = optim.saq(optax.sgd(0.05, momentum=0.9), rho=0.3, tau=2)
+  in_graph = jax.jit(steps.make_train_step(model, tx, quantized_grads=True))
+  phased = steps.jit_train_step(model, tx, quantized_grads=True, sharpness_period=2)
+  a = steps.create_train_state(variables, tx)
+  b = steps.create_train_state(jax.tree.map(jnp.copy, variables), tx)  # donated
+  for index in range(4):
+    a, metrics_a = in_graph(a, batch)
+    b, metrics_b = phased(b, batch, index)
+    np.testing.assert_allclose(float(metrics_b['h']), float(metrics_a['h']), rtol=1e-5)
+  for leaf_a, leaf_b in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(leaf_b, leaf_a, rtol=1e-4, atol=1e-6)

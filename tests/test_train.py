@@ -162,6 +162,19 @@ def test_cifar_resnet18_policy_finetunes_at_224_with_recomputed_bops(tmp_path):
   assert results['finetune']['gbops'] > 2.5 * meta['gbops']  # (56/32)^2 more MACs in the blocks
 
 
+def test_search_with_a_bops_target_lands_in_its_band(tmp_path):
+  results = train_and_evaluate(smoke_config(**{
+      'stages': 'search', 'search.init': 'scratch', 'search.target': '3MP',
+      'search.sharpness': 'none', 'diagnostics.lambda_max': False}), str(tmp_path))
+  policy, meta = load_policy(tmp_path / 'policy.json')
+  assert meta['target'] == '3MP' and meta['final_comp_weight'] != 1.0  # lambda was adapted
+  assert abs(meta['gbops'] / meta['target_gbops'] - 1) <= 0.05
+  assert results['search']['gbops'] == pytest.approx(meta['gbops'])
+  with open(tmp_path / 'search' / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  assert any('comp_weight' in row and 'argmax_gbops' in row for row in rows)
+
+
 def test_missing_tfds_data_fails_before_compute(tmp_path):
   config = smoke_config(**{'data.name': 'cifar10', 'data.data_dir': str(tmp_path / 'tfds'),
                            'data.image_size': 32})
@@ -190,6 +203,9 @@ def test_invalid_config_lists_every_problem(tmp_path):
   with pytest.raises(ConfigError) as err:
     validate_config(config)
   assert 'pretrain.saq.case' in str(err.value) and 'pretrain.saq.tau' in str(err.value)
+  config = smoke_config(**{'search.target': '3 bits'})
+  with pytest.raises(ConfigError, match='search.target'):
+    validate_config(config)
 
 
 def test_finetune_without_policy_explains_what_to_do(tmp_path):

@@ -1,6 +1,8 @@
-"""Sharpness-aware optax transforms (SAM, ASGA, SAQ) and parameter partitioning."""
+"""Sharpness-aware optax transforms (SAM, ASGA, SAQ), the complexity term with a BOPs
+target, and parameter partitioning."""
 
 from asga_jax.optim.asga import ASGAState, asga, asga_gradient
+from asga_jax.optim.complexity import ComplexityState, complexity_penalty, complexity_stats
 from asga_jax.optim.partition import (ARCH, LABELS, NORM, QUANT, WEIGHTS, count_params,
                                       label_mask, param_labels)
 from asga_jax.optim.sam import SAMState, sam, sam_gradient, sharpness_probe

@@ -22,7 +22,12 @@ clean one (the final objective L(w + e_q + e_s) + L(Q(w)), eq. 15), or g_s
 alone with ``vanilla_loss=False``. Efficient training (``tau > 1``): g_s is
 computed every ``tau`` steps; its component orthogonal to g, g_v, is kept, and
 in between g_s ~ g + beta * ||g|| * g_v / ||g_v||, so only N / tau of N steps
-pay a second gradient evaluation.
+pay a second gradient evaluation. Which steps those are is decided inside the
+jitted update with ``lax.cond`` on the step count, or, when the caller passes
+``sharpness_step=True/False`` (a Python bool, i.e. two compiled steps chosen
+by a host-side counter), statically. Prefer the latter on CPU: XLA:CPU does
+not canonicalize the gradient convolutions inside a conditional's branch and
+runs them about 20x slower; the trainer and the benchmark do so.
 """
 
 from __future__ import annotations
@@ -81,7 +86,20 @@ def saq_gradient(*, rho: float = 0.5, case: int = 3, perturb_mask: Mask | None =
   Call ``update(grads, state, params, value=L, grad_fn=fn, task_grads=g,
   quantized_grads=gq)`` where ``fn(params, weight_perturbation=None) ->
   (L, grad L)``; ``quantized_grads`` (dL/dQ(w), structured like the model's
-  ``perturb`` collection) is required for cases 1 and 3.
+  ``perturb`` collection) is required for cases 1 and 3. With ``tau > 1``,
+  the optional keyword ``sharpness_step`` (a Python bool, True exactly when
+  ``count % tau == 0``) fixes the kind of step at trace time instead of a
+  ``lax.cond`` (see the module docstring).
+
+  Example (SAQ-ET with two compiled steps)::
+
+    tx = asga_jax.optim.saq(optax.sgd(0.1, momentum=0.9), rho=0.5, tau=4)
+    # train_step(state, batch, sharpness_step) ends with
+    #   tx.update(g, opt_state, params, ..., sharpness_step=sharpness_step)
+    steps = {phase: jax.jit(functools.partial(train_step, sharpness_step=phase))
+             for phase in (True, False)}
+    for i, batch in enumerate(batches):
+      state = steps[i % 4 == 0](state, batch)
 
   Args:
     rho: perturbation radius (SAQ uses 0.3-0.95 for ResNets on ImageNet); the
@@ -133,7 +151,7 @@ def saq_gradient(*, rho: float = 0.5, case: int = 3, perturb_mask: Mask | None =
                             value, lambda point: grad_fn(point[0], point[1]))
 
   def update_fn(updates, state, params=None, *, value=None, grad_fn=None, task_grads=None,
-                quantized_grads=None, **extra_args):
+                quantized_grads=None, sharpness_step=None, **extra_args):
     del extra_args
     if params is None or value is None or grad_fn is None:
       raise ValueError('SAQ needs `params` and the keyword arguments `value` (task loss), '
@@ -152,8 +170,13 @@ def saq_gradient(*, rho: float = 0.5, case: int = 3, perturb_mask: Mask | None =
       scale = beta * optax.tree.norm(clean) / jnp.maximum(optax.tree.norm(gv), 1e-30)
       return state.h, jax.tree.map(lambda g, v: g + scale * v, clean, gv), gv
 
-    if tau == 1:
+    if sharpness_step is not None and not isinstance(sharpness_step, bool):
+      raise TypeError('sharpness_step must be a Python bool (a static choice), got '
+                      f'{type(sharpness_step).__name__}; leave it out to decide in-graph.')
+    if tau == 1 or sharpness_step is True:
       h, gs, orthogonal = full(None)
+    elif sharpness_step is False:
+      h, gs, orthogonal = reuse(None)
     else:
       h, gs, orthogonal = jax.lax.cond(state.count % tau == 0, full, reuse, None)
     base = updates if vanilla_loss else jax.tree.map(lambda u, c: u - c, updates, clean)

@@ -1,11 +1,14 @@
 """Quantizers, quantized layers, complexity (MACs/BOPs) and bit-width policies."""
 
+from asga_jax.quant.budget import (BudgetFit, argmax_bops, bops_range, fit_policy_to_budget,
+                                   target_bops, uniform_bops)
 from asga_jax.quant.complexity import (LayerCost, LayerReport, argmax_bits, argmax_policy,
                                        collect_layer_costs, complexity_loss, expected_bits,
-                                       format_report, layer_report, mean_expected_bits,
+                                       format_model_summary, format_report, layer_report,
+                                       mean_expected_bits,
                                        policy_bops, reference_bops,
                                        searchable_layers, total_bops)
-from asga_jax.quant.layers import QuantConv, QuantDense, layer_path
+from asga_jax.quant.layers import QuantConv, QuantDense, QuantMatmul, layer_path
 from asga_jax.quant.policy import (LayerBits, Policy, PolicyError, load_policy, save_policy,
                                    uniform_policy, validate_policy)
 from asga_jax.quant.quantizers import (quantize_lsq, quantize_signed, quantize_unsigned,

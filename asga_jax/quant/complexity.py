@@ -203,13 +203,15 @@ class LayerReport:
   bops_argmax: float
 
 
-def layer_report(params: Mapping[str, Any] | None, costs: Sequence[LayerCost]
-                 ) -> list[LayerReport]:
-  """Per-layer MACs, weights, expected/argmax bits and BOPs.
+def layer_report(params: Mapping[str, Any] | None, costs: Sequence[LayerCost],
+                 policy: Policy | None = None) -> list[LayerReport]:
+  """Per-layer MACs, weights, expected bits, chosen bits and BOPs.
 
   Args:
     params: model parameters; needed when the model has supernet layers.
     costs: from :func:`collect_layer_costs`.
+    policy: the chosen bits of the searched layers (``w``, ``a`` and
+      ``bops_argmax`` then describe it); default the argmax of the logits.
   """
   if params is None and any(c.searchable for c in costs):
     raise ValueError('a supernet report needs the parameters (architecture logits).')
@@ -217,7 +219,10 @@ def layer_report(params: Mapping[str, Any] | None, costs: Sequence[LayerCost]
   rows = []
   for c in costs:
     ew, ea = (float(v) for v in expected_bits(params, c))
-    w, a = argmax_bits(params, c)
+    if policy is not None and c.path in policy:
+      w, a = policy[c.path].w, policy[c.path].a
+    else:
+      w, a = argmax_bits(params, c)
     bw, ba = (w or FULL_PRECISION_BITS), (a or FULL_PRECISION_BITS)
     rows.append(LayerReport(c.path, c.macs, c.num_weights, ew, ea, w, a,
                             c.macs * ew * ea, float(c.macs * bw * ba)))
@@ -248,4 +253,39 @@ def format_report(rows: Sequence[LayerReport]) -> str:
                f'{"":>6} {"":>6} {"":>3} {"":>3} '
                f'{sum(r.bops_expected for r in rows) / 1e9:9.3f}G '
                f'{sum(r.bops_argmax for r in rows) / 1e9:9.3f}G')
+  return '\n'.join(lines)
+
+
+def format_model_summary(costs: Sequence[LayerCost], policy: Policy | None = None) -> str:
+  """A fixed-width table of every quantized layer: shapes, MACs, weights, BOPs.
+
+  BOPs are given at 8/8 bits and, with a ``policy``, at its bits (edge and
+  fixed layers keep their own bits); totals close the table.
+  """
+  bits = lambda b: 'fp' if b is None else str(b)
+  width = max(len('layer'), *(len(c.path) for c in costs))
+  shape = lambda s: 'x'.join(map(str, s))
+  lines = [f'{"layer":<{width}} {"kind":<11} {"input":>14} {"output":>14} {"MMACs":>9} '
+           f'{"weights":>10} {"MBOPs@8/8":>10}' + (f' {"w":>3} {"a":>3} {"MBOPs":>10}'
+                                                    if policy is not None else '')]
+  total_policy = 0.0
+  for c in costs:
+    line = (f'{c.path:<{width}} {c.kind:<11} {shape(c.in_shape):>14} {shape(c.out_shape):>14} '
+            f'{c.macs / 1e6:9.3f} {c.num_weights:10d} {c.macs * 64 / 1e6:10.2f}')
+    if policy is not None:
+      if c.path in policy:
+        w, a = policy[c.path].w, policy[c.path].a
+      else:
+        w = c.w_bits[-1] if c.w_bits else None
+        a = c.a_bits[-1] if c.a_bits else None
+      b = c.macs * (w or FULL_PRECISION_BITS) * (a or FULL_PRECISION_BITS)
+      total_policy += b
+      line += f' {bits(w):>3} {bits(a):>3} {b / 1e6:10.2f}'
+    lines.append(line)
+  macs = sum(c.macs for c in costs)
+  total = (f'{"total":<{width}} {"":<11} {"":>14} {"":>14} {macs / 1e6:9.3f} '
+           f'{sum(c.num_weights for c in costs):10d} {macs * 64 / 1e9:9.3f}G')
+  if policy is not None:
+    total += f' {"":>3} {"":>3} {total_policy / 1e9:9.3f}G'
+  lines.append(total)
   return '\n'.join(lines)

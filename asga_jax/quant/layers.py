@@ -14,6 +14,9 @@ w_logits,      architecture logits over the weight / activation bit
 a_logits       candidates (supernet mode only; see optim.partition)
 =============  ==========================================================
 
+:class:`QuantMatmul` quantizes both operands of an activation product
+(attention), with the activation quantizer and the same parameter names.
+
 Supernet mode follows EdMIPS' composite convolution: the weights are mixed as
 sum_j softmax(w_logits)_j Q_{b_j}(w), the input as sum_k softmax(a_logits)_k
 Q_{b_k}(x), and ONE convolution runs on the two mixtures.
@@ -73,6 +76,19 @@ def _weight_perturbation(module: nn.Module, kernel: jax.Array) -> jax.Array | No
   return None
 
 
+def _quantize_activation(module: nn.Module, x: jax.Array, bits: tuple[int, ...],
+                         probs: jax.Array | None, spec: QuantSpec, signed: bool,
+                         prefix: str) -> jax.Array:
+  """Quantizes an activation with the spec's quantizer; params ``{prefix}_clip/_step``."""
+  if spec.quantizer == 'lsq':
+    step = _lsq_step(module, f'{prefix}_step', x, bits, signed)
+    return quantizers.quantize_lsq(x, step, bits, signed, probs)
+  clip = module.param(f'{prefix}_clip', nn.initializers.constant(spec.a_clip_init), (),
+                      jnp.float32)
+  quantize = quantizers.quantize_signed if signed else quantizers.quantize_unsigned
+  return quantize(x, jnp.abs(clip), bits, probs)
+
+
 def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array,
                       q: Resolved, spec: QuantSpec, signed_input: bool
                       ) -> tuple[jax.Array, jax.Array]:
@@ -84,22 +100,16 @@ def quantize_operands(module: nn.Module, x: jax.Array, kernel: jax.Array,
   w_probs = _probs(module, 'w_logits', q.w_bits)
   a_probs = _probs(module, 'a_logits', q.a_bits)
   perturbation = _weight_perturbation(module, kernel)
-  if spec.quantizer == 'lsq':
-    if q.w_bits is not None:
+  if q.w_bits is not None:
+    if spec.quantizer == 'lsq':
       step = _lsq_step(module, 'w_step', kernel, q.w_bits, signed=True)
       kernel = quantizers.quantize_lsq(kernel, step, q.w_bits, True, w_probs)
-    if q.a_bits is not None:
-      step = _lsq_step(module, 'a_step', x, q.a_bits, signed_input)
-      x = quantizers.quantize_lsq(x, step, q.a_bits, signed_input, a_probs)
-  else:
-    if q.w_bits is not None:
+    else:
       clip = module.param('w_clip', nn.initializers.constant(spec.w_clip_init), (), jnp.float32)
       kernel = quantizers.quantize_weight(kernel, jnp.abs(clip), q.w_bits, w_probs, perturbation)
       perturbation = None  # applied inside the quantizer
-    if q.a_bits is not None:
-      clip = module.param('a_clip', nn.initializers.constant(spec.a_clip_init), (), jnp.float32)
-      quantize = quantizers.quantize_signed if signed_input else quantizers.quantize_unsigned
-      x = quantize(x, jnp.abs(clip), q.a_bits, a_probs)
+  if q.a_bits is not None:
+    x = _quantize_activation(module, x, q.a_bits, a_probs, spec, signed_input, 'a')
   if perturbation is not None:
     kernel = kernel + perturbation
   return x, kernel
@@ -197,4 +207,44 @@ class QuantDense(nn.Module):
     return y
 
 
-QUANT_LAYERS = (QuantConv, QuantDense)
+class QuantMatmul(nn.Module):
+  """Product of two activations, ``lhs @ rhs`` over the last/second-to-last axes.
+
+  Attention's Q K^T and A V: both operands are activations, so both use the
+  activation quantizer. For bits, policies and BOPs, ``lhs`` plays the input
+  (``a_*`` parameters) and ``rhs`` the weights (``w_*`` parameters); the layer
+  has no weights of its own and nothing to perturb.
+
+  Attributes:
+    quant: the model's quantization spec.
+    lhs_signed, rhs_signed: whether each operand can be negative (attention
+      probabilities cannot).
+    edge: as :class:`QuantConv`.
+    dtype: computation dtype.
+  """
+  quant: QuantSpec = QuantSpec()
+  lhs_signed: bool = True
+  rhs_signed: bool = True
+  edge: bool = False
+  dtype: Any = jnp.float32
+
+  def fan_in(self, in_features: int) -> int:
+    return in_features
+
+  def num_weights(self, in_features: int) -> int:
+    del in_features
+    return 0
+
+  @nn.compact
+  def __call__(self, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    q = self.quant.resolve(layer_path(self), self.edge)
+    if q.a_bits is not None:
+      lhs = _quantize_activation(self, lhs, q.a_bits, _probs(self, 'a_logits', q.a_bits),
+                                 self.quant, self.lhs_signed, 'a')
+    if q.w_bits is not None:
+      rhs = _quantize_activation(self, rhs, q.w_bits, _probs(self, 'w_logits', q.w_bits),
+                                 self.quant, self.rhs_signed, 'w')
+    return jnp.matmul(lhs.astype(self.dtype), rhs.astype(self.dtype))
+
+
+QUANT_LAYERS = (QuantConv, QuantDense, QuantMatmul)

@@ -17,6 +17,7 @@ from ml_collections import config_dict
 from asga_jax import models
 from asga_jax.data import default_data_config
 from asga_jax.optim.partition import LABELS
+from asga_jax.quant import budget
 from asga_jax.quant.spec import QUANTIZERS
 
 STAGES = ('pretrain', 'search', 'finetune', 'eval')
@@ -84,8 +85,11 @@ def default_config() -> ml_collections.ConfigDict:
       'none': measure h and sigma_max at that radius, like the ASGA paper's
       baselines in Table 3, at the cost of a second pass).
     search: supernet search: weights by SGD (lr 0.01), architecture logits by
-      ``arch_optimizer``; lambda = ``comp_weight``; ``sharpness`` 'asga'
-      (default) or 'none' (plain EdMIPS);
+      ``arch_optimizer``; lambda = ``comp_weight``, or with ``target`` (e.g.
+      '3MP' = uniform 3-bit BOPs, '0.6G' GBOPs) adapted toward the target by
+      dual ascent (``target_rate``), the final policy fitted to within
+      ``target_tolerance``; ``sharpness`` 'asga' (default) or 'none' (plain
+      EdMIPS);
       ``data`` overrides fields of ``data`` for the proxy data set (None
       inherits); ``init`` 'auto' (the pretrain checkpoint of this workdir if
       there is one, else scratch), 'scratch' or a checkpoint directory.
@@ -126,7 +130,10 @@ def default_config() -> ml_collections.ConfigDict:
                                  weight_decay=5e-4, sharpness='asga')
   config.search.arch_optimizer = 'adam'
   config.search.arch_lr = 5e-3
-  config.search.comp_weight = 1.0
+  config.search.comp_weight = 1.0       # lambda; with a target, its initial value
+  config.search.target = ''             # BOPs target: '' (fixed lambda), '3MP', '0.6G', '600M'
+  config.search.target_rate = 0.05      # lambda's log-space dual-ascent step per step
+  config.search.target_tolerance = 0.05  # the final policy lands within this of the target
   data = default_data_config()
   config.search.data = ml_collections.ConfigDict(
       {k: config_dict.placeholder(data.get_ref(k).get_type()) for k in data})
@@ -184,6 +191,70 @@ def smoke_variant(config: ml_collections.ConfigDict, *, width: int = 4,
   config.diagnostics.lambda_max_iters = 5
   config.log_every_steps = 5
   return config
+
+
+def proxy_to_target_config(model: str, variant: str | None, *, config_name: str,
+                           bits: Sequence[int], quantizer: str = 'clip', lr_scale: float = 1.0,
+                           demo_width: int = 16, smoke_width: int = 4
+                           ) -> ml_collections.ConfigDict:
+  """A zoo model searched on CIFAR-10 (the proxy, 32 px) and trained on ImageNet (224 px).
+
+  Stages pretrain (full precision) -> search (on the proxy, CIFAR stem) ->
+  finetune -> eval (on the target, ImageNet stem); the searched policy is
+  recosted at the target resolution. Variants: None (ImageNet from TFDS,
+  ``--config.data.data_dir``), 'imagenette' (TFDS imagenette as the
+  target), 'demo' (the embedded sample: target at 64 px, proxy at 32 px,
+  ``demo_width``), 'smoke' (one epoch per stage at ``smoke_width``).
+
+  Args:
+    model: a name in ``asga_jax.models.MODELS``.
+    variant: see above.
+    config_name: the config file's name (for error messages).
+    bits: searched bit candidates (weights and activations).
+    quantizer: 'clip' or 'lsq' (ViTs).
+    lr_scale: multiplies the SGD learning rates of every stage.
+    demo_width, smoke_width: ``model.width`` of those variants.
+  """
+  config = default_config()
+  config.model.name = model
+  config.quant.w_bits = config.quant.a_bits = tuple(bits)
+  config.quant.quantizer = quantizer
+  config.data.name = 'imagenet2012'
+  config.data.image_size = 224
+  config.search.data.name = 'cifar10'
+  config.search.data.image_size = 32
+  config.search.target = '3MP'
+  config.batch_size = 256
+  config.eval_batch_size = 500
+  config.pretrain.epochs = 90.0
+  config.search.epochs = 90.0
+  config.finetune.epochs = 90.0
+  for stage in ('pretrain', 'search', 'finetune'):
+    config[stage].lr *= lr_scale
+    config[stage].weight_decay = 1e-4
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  if not variant:
+    return config
+  if variant == 'imagenette':
+    config.data.name = 'imagenette'
+    config.batch_size = 64
+    for stage in ('pretrain', 'finetune'):
+      config[stage].lr /= 4  # linear scaling from batch 256
+    return config
+  if variant == 'demo':
+    config = demo_variant(config)
+    config.data.image_size = 64
+    config.search.data.name = 'cifar10_sample'
+    config.model.width = demo_width
+    config.eval_batch_size = 200
+    return config
+  if variant == 'smoke':
+    config = smoke_variant(config, width=smoke_width, image_size=32)
+    config.search.data.name = 'cifar10_sample'
+    config.search.data.image_size = 32
+    return config
+  raise unknown_variant(config_name, variant, ('demo', 'smoke', 'imagenette'))
 
 
 def unknown_variant(name: str, variant: str, choices: Sequence[str]) -> ConfigError:
@@ -330,7 +401,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       problems.append(f'search.arch_optimizer must be one of {ARCH_OPTIMIZERS}, got '
                       f'{s.arch_optimizer!r}')
     _positive(problems, 'search.arch_lr', s.arch_lr)
-    _positive(problems, 'search.comp_weight', s.comp_weight, allow_zero=True)
+    _positive(problems, 'search.comp_weight', s.comp_weight, allow_zero=not s.target)
+    if s.target:
+      try:
+        budget.parse_target(s.target)
+      except ValueError as e:
+        problems.append(f'search.target: {e}')
+      _positive(problems, 'search.target_rate', s.target_rate)
+      if not 0 < s.target_tolerance < 1:
+        problems.append(f'search.target_tolerance must be in (0, 1), got {s.target_tolerance}')
   for stage in ('pretrain', 'search', 'finetune'):
     if stage in stages:
       _check_sharpness(problems, stage, config[stage])

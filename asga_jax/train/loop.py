@@ -57,9 +57,10 @@ class StageSpec:
     variables: the initial variables (used when there is no checkpoint).
     data_config: input pipeline configuration.
     epochs: training length.
-    costs, comp_weight: complexity loss of a supernet (None otherwise).
+    costs: layer costs of a supernet, for its metrics (None otherwise).
     label_smoothing: of the cross-entropy.
     quantized_grads, m_sharpness: see :func:`steps.make_train_step`.
+    sharpness_period: see :func:`steps.jit_train_step`.
   """
   name: str
   model: nn.Module
@@ -69,10 +70,10 @@ class StageSpec:
   data_config: ml_collections.ConfigDict
   epochs: float
   costs: Sequence[LayerCost] | None = None
-  comp_weight: float = 0.0
   label_smoothing: float = 0.0
   quantized_grads: bool = False
   m_sharpness: int = 0
+  sharpness_period: int = 1
 
 
 def prefetch(batches: Iterator[Mapping[str, np.ndarray]], size: int = 2
@@ -139,12 +140,11 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
     ckpts.close()
     return state, result
 
-  train_step = jax.jit(steps.make_train_step(spec.model, spec.tx, costs=spec.costs,
-                                             comp_weight=spec.comp_weight,
-                                             label_smoothing=spec.label_smoothing,
-                                             quantized_grads=spec.quantized_grads,
-                                             m_sharpness=spec.m_sharpness),
-                       donate_argnums=0)
+  train_step = steps.jit_train_step(spec.model, spec.tx, costs=spec.costs,
+                                    label_smoothing=spec.label_smoothing,
+                                    quantized_grads=spec.quantized_grads,
+                                    m_sharpness=spec.m_sharpness,
+                                    sharpness_period=spec.sharpness_period)
   reporter = Reporter(workdir, spec.name, total, steps_per_epoch, batch_size)
   step = int(state.step)
   logging.info('%s: %d steps (%g epochs of %d steps, batch %d) from step %d', spec.name, total,
@@ -157,7 +157,7 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
     epoch, start = divmod(step, steps_per_epoch)
     for batch in _epoch_batches(spec, config, epoch, start,
                                 min(steps_per_epoch - start, total - step)):
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, step)
       step += 1
       if first_step_start is not None:
         jax.block_until_ready(metrics)

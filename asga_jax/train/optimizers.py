@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -9,6 +10,7 @@ import ml_collections
 import optax
 
 from asga_jax import optim
+from asga_jax.quant import LayerCost, budget
 
 
 def learning_rate_schedule(section: ml_collections.ConfigDict, steps_per_epoch: int
@@ -60,13 +62,30 @@ def needs_quantized_grads(section: ml_collections.ConfigDict) -> bool:
   return section.sharpness == 'saq' and section.saq.case in (1, 3)
 
 
-def make_optimizer(stage: str, section: ml_collections.ConfigDict, steps_per_epoch: int
+def sharpness_period(section: ml_collections.ConfigDict) -> int:
+  """Steps between sharpness-gradient evaluations (SAQ efficient training's tau)."""
+  return section.saq.tau if section.sharpness == 'saq' else 1
+
+
+def complexity_transform(section: ml_collections.ConfigDict, costs: Sequence[LayerCost]
+                         ) -> optax.GradientTransformation:
+  """lambda * grad L_comp of the search: fixed, or adapted toward ``section.target``."""
+  if not section.target:
+    return optim.complexity_penalty(costs, weight=section.comp_weight)
+  return optim.complexity_penalty(costs, weight=section.comp_weight,
+                                  target_bops=budget.target_bops(section.target, costs),
+                                  rate=section.target_rate)
+
+
+def make_optimizer(stage: str, section: ml_collections.ConfigDict, steps_per_epoch: int,
+                   costs: Sequence[LayerCost] | None = None
                    ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
   """The optimizer of ``stage`` and its weight learning-rate schedule.
 
   SGD on the network (weight decay on conv/dense weights only); in the search,
   ``arch_optimizer`` on the architecture logits (``optax.multi_transform``);
-  the stage's sharpness-aware transform, if any, in front.
+  the stage's sharpness-aware transform, if any, in front; in front of all, in
+  the search, the complexity term (needs the supernet's ``costs``).
   """
   schedule = learning_rate_schedule(section, steps_per_epoch)
   tx = _network_optimizer(section, schedule)
@@ -81,6 +100,10 @@ def make_optimizer(stage: str, section: ml_collections.ConfigDict, steps_per_epo
   sharp = sharpness_transform(section)
   if sharp is not None:
     tx = optax.chain(sharp, tx)
+  if stage == 'search':
+    if costs is None:
+      raise ValueError('the search optimizer needs the supernet layer costs.')
+    tx = optax.chain(complexity_transform(section, costs), tx)
   return optax.with_extra_args_support(tx), schedule
 
 
@@ -91,6 +114,9 @@ def describe(stage: str, section: ml_collections.ConfigDict) -> dict[str, Any]:
   if stage == 'search':
     info.update(arch_optimizer=section.arch_optimizer, arch_lr=section.arch_lr,
                 comp_weight=section.comp_weight)
+    if section.target:
+      info.update(target=section.target, target_rate=section.target_rate,
+                  target_tolerance=section.target_tolerance)
   if section.sharpness != 'none':
     info.update({f'{section.sharpness}.{k}': v for k, v in section[section.sharpness].items()})
   if section.m_sharpness:

@@ -15,7 +15,7 @@ Each training stage also writes ``<stage>/metrics.jsonl`` and its diagnostics
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -25,9 +25,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from asga_jax import data, models
+from asga_jax import data, models, optim
 from asga_jax.analysis.plots import plot_bit_allocation
-from asga_jax.quant import (LayerCost, Policy, QuantSpec, argmax_policy, collect_layer_costs,
+from asga_jax.quant import (LayerCost, Policy, QuantSpec, argmax_policy, budget,
+                            collect_layer_costs,
                             format_report, layer_report, load_policy, policy_bops, save_policy,
                             searchable_layers, validate_policy)
 from asga_jax.train import checkpoints, loop, optimizers, steps
@@ -52,7 +53,7 @@ def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo, spec:
   kwargs: dict[str, Any] = {'num_classes': info.num_classes, 'quant': spec}
   if config.model.width is not None:
     kwargs['width'] = config.model.width
-  if config.model.name.startswith('resnet18'):
+  if config.model.name in models.STEM_MODELS:
     stem = config.model.stem
     kwargs['stem'] = ('cifar' if info.image_size < 64 else 'imagenet') if stem == 'auto' else stem
   return models.create_model(config.model.name, **kwargs)
@@ -104,7 +105,8 @@ def _stage_spec(config, workdir, stage: str, spec: QuantSpec, **extra) -> loop.S
   info = data.get_info(data_config)
   model = build_model(config, info, spec)
   tx, schedule = optimizers.make_optimizer(stage, section,
-                                           data.steps_per_epoch(data_config, config.batch_size))
+                                           data.steps_per_epoch(data_config, config.batch_size),
+                                           costs=extra.get('costs'))
   logging.info('%s: %s on %s (%d classes, %d px, %d train / %d eval); %s', stage,
                config.model.name, info.name, info.num_classes, info.image_size, info.num_train,
                info.num_eval, optimizers.describe(stage, section))
@@ -113,7 +115,8 @@ def _stage_spec(config, workdir, stage: str, spec: QuantSpec, **extra) -> loop.S
                         data_config=data_config, epochs=section.epochs,
                         label_smoothing=section.label_smoothing,
                         quantized_grads=optimizers.needs_quantized_grads(section),
-                        m_sharpness=section.m_sharpness, **extra)
+                        m_sharpness=section.m_sharpness,
+                        sharpness_period=optimizers.sharpness_period(section), **extra)
 
 
 def _fit_and_diagnose(spec: loop.StageSpec, config: ml_collections.ConfigDict, workdir: str
@@ -152,15 +155,14 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   """Supernet search; writes policy.json, the bit-allocation plot and report."""
   info = data.get_info(stage_data_config(config, 'search'))
   _, costs = _supernet_costs(config, info)
-  spec = _stage_spec(config, workdir, 'search', quant_spec(config, 'supernet'), costs=costs,
-                     comp_weight=config.search.comp_weight)
+  spec = _stage_spec(config, workdir, 'search', quant_spec(config, 'supernet'), costs=costs)
   state, result = _fit_and_diagnose(spec, config, workdir)
   params = jax.device_get(state.params)
-  policy = argmax_policy(params, costs)
-  rows = layer_report(params, costs)
+  policy, budget_meta = _searched_policy(config.search, params, costs, state.opt_state)
+  rows = layer_report(params, costs, policy)
   table = format_report(rows)
   logging.info('search: per-layer bits and BOPs at %d px (E = expected under the softmax, '
-               'then the argmax policy):\n%s', info.image_size, table)
+               'then the searched policy):\n%s', info.image_size, table)
   searched = [r for r in rows if r.path in policy]
   summary = {
       **result,
@@ -173,7 +175,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   meta = {'model': config.model.name, 'data': info.name, 'image_size': info.image_size,
           'sharpness': config.search.sharpness, 'comp_weight': config.search.comp_weight,
           'w_candidates': list(config.quant.w_bits), 'a_candidates': list(config.quant.a_bits),
-          **summary}
+          **budget_meta, **summary}
   save_policy(policy, os.path.join(workdir, POLICY_FILE), meta=meta)
   with open(os.path.join(workdir, 'search', 'report.txt'), 'w') as f:
     f.write(table + '\n')
@@ -182,6 +184,27 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
   logging.info('search: policy -> %s, plot -> %s', os.path.join(workdir, POLICY_FILE),
                os.path.join(workdir, BITS_PLOT))
   return summary
+
+
+def _searched_policy(section: ml_collections.ConfigDict, params: Any,
+                     costs: Sequence[LayerCost], opt_state: Any) -> tuple[Policy, dict[str, Any]]:
+  """The argmax policy; with a BOPs target, fitted to within its tolerance (logged)."""
+  final_weight = float(optim.complexity_stats(opt_state).get('comp_weight', section.comp_weight))
+  if not section.target:
+    return argmax_policy(params, costs), {'final_comp_weight': final_weight}
+  target = budget.target_bops(section.target, costs)
+  fit = budget.fit_policy_to_budget(params, costs, target, section.target_tolerance)
+  logging.info('search: target %s = %.4f GBOPs; argmax policy %.4f GBOPs (%+.1f%%), final '
+               'lambda %.4g; %d move(s) to the band of +-%.0f%%%s -> %.4f GBOPs (%+.1f%%)',
+               section.target, target / 1e9, fit.argmax_bops / 1e9,
+               100 * (fit.argmax_bops / target - 1), final_weight, len(fit.moves),
+               100 * section.target_tolerance,
+               ''.join(f'; {p} {k} {a}->{b}' for p, k, a, b in fit.moves[:8])
+               + ('; ...' if len(fit.moves) > 8 else ''),
+               fit.bops / 1e9, 100 * (fit.bops / target - 1))
+  return fit.policy, {'target': section.target, 'target_gbops': target / 1e9,
+                      'argmax_gbops': fit.argmax_bops / 1e9, 'budget_moves': len(fit.moves),
+                      'final_comp_weight': final_weight}
 
 
 def _load_finetune_policy(config, workdir: str, info: data.DatasetInfo) -> tuple[Policy, dict]:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from asga_jax.optim import sharpness_stats
+from asga_jax.optim import complexity_stats, sharpness_stats
 from asga_jax.quant import LayerCost, complexity_loss, mean_expected_bits, total_bops
 from asga_jax.quant.layers import PERTURB
 
@@ -86,15 +86,15 @@ def _split(batch: Batch, size: int) -> Batch:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
-                    costs: Sequence[LayerCost] | None = None, comp_weight: float = 0.0,
+                    costs: Sequence[LayerCost] | None = None,
                     label_smoothing: float = 0.0, quantized_grads: bool = False,
-                    m_sharpness: int = 0) -> Callable[[TrainState, Batch],
-                                                      tuple[TrainState, Metrics]]:
+                    m_sharpness: int = 0, sharpness_step: bool | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds ``step(state, batch) -> (state, metrics)`` (not jitted; jit it).
 
-  The loss is L(t) + comp_weight * L_comp(t), L the mean cross-entropy and
-  L_comp the normalized expected BOPs of :func:`asga_jax.quant.complexity_loss`
-  (only when ``costs`` are given, i.e. for the supernet). The optimizer gets
+  The loss is L(t), the mean cross-entropy; the complexity term lambda *
+  L_comp of a supernet search is the optimizer's
+  (:func:`asga_jax.optim.complexity_penalty`). The optimizer gets
   the extra arguments of the sharpness-aware transforms (see
   :mod:`asga_jax.optim.sharpness`): ``value``, ``grad_fn(params,
   weight_perturbation=None)``, ``task_grads`` and ``quantized_grads``. BatchNorm
@@ -104,21 +104,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
   Args:
     model: a Flax model called as ``model.apply(vars, images, train=True)``.
     tx: the optimizer.
-    costs: layer costs of a supernet model, for the complexity loss.
-    comp_weight: lambda.
+    costs: layer costs of a supernet model, for its metrics.
     label_smoothing: label smoothing of the cross-entropy.
     quantized_grads: also compute dL/dQ(w) (SAQ cases 1 and 3).
     m_sharpness: if > 0, the clean pass runs on sub-batches of this size (with
       their own BatchNorm statistics, as on separate devices) and the
       sharpness transform perturbs each sub-batch along its own gradient.
+    sharpness_step: passed to the optimizer when not None: whether this is a
+      step that evaluates the sharpness gradient (SAQ efficient training; see
+      :func:`jit_train_step`).
 
   Returns:
     The step function. Metrics: loss (task), accuracy, and for the supernet
     comp_loss, expected GBOPs and mean expected bits of the searched layers
-    (bits_w, bits_a), plus rho/h/sigma_max from a sharpness state.
+    (bits_w, bits_a), plus rho/h/sigma_max from a sharpness state and
+    lambda (comp_weight) and the argmax policy's GBOPs from a complexity state.
   """
   task_loss = make_task_loss(model, label_smoothing)
   tx = optax.with_extra_args_support(tx)
+  phase = {} if sharpness_step is None else {'sharpness_step': sharpness_step}
+  quantized_grads = quantized_grads and sharpness_step is not False  # reuse steps skip them
 
   def clean_pass(params, batch_stats, batch):
     if quantized_grads:
@@ -152,25 +157,53 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
       grad_fn = perturbed_grads(state.batch_stats, batch)
       mean_grads = task_grads
     loss = jnp.mean(value)
-    grads, metrics = mean_grads, {}
+    metrics = {}
     if costs:
-      comp, comp_grads = jax.value_and_grad(complexity_loss)(state.params, costs)
-      grads = jax.tree.map(lambda g, c: g + comp_weight * c, mean_grads, comp_grads)
       bits_w, bits_a = mean_expected_bits(state.params, costs)
-      metrics.update(comp_loss=comp, gbops=total_bops(state.params, costs) / 1e9,
-                     bits_w=bits_w, bits_a=bits_a)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, value=value,
+      metrics.update(comp_loss=complexity_loss(state.params, costs),
+                     gbops=total_bops(state.params, costs) / 1e9, bits_w=bits_w, bits_a=bits_a)
+    updates, opt_state = tx.update(mean_grads, state.opt_state, state.params, value=value,
                                    grad_fn=grad_fn, task_grads=task_grads,
-                                   quantized_grads=qgrads)
+                                   quantized_grads=qgrads, **phase)
     new_state = state.replace(step=state.step + 1,
                               params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
     labels = batch['label'].reshape(-1)
     metrics.update(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
-                   **sharpness_stats(opt_state))
+                   **sharpness_stats(opt_state), **complexity_stats(opt_state))
     return new_state, metrics
 
   return step
+
+
+IndexedStep = Callable[[TrainState, Batch, int], tuple[TrainState, Metrics]]
+
+
+def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
+                   sharpness_period: int = 1, **kwargs: Any) -> IndexedStep:
+  """The jitted train step (state donated), as ``step(state, batch, index)``.
+
+  With ``sharpness_period`` p > 1 (SAQ efficient training, tau = p) it holds
+  two compiled steps, one that evaluates the sharpness gradient and one that
+  reuses it, and runs the first when ``index % p == 0``; ``index`` must count
+  the optimizer's updates (``state.step``). Static phases keep the gradient
+  convolutions out of a ``lax.cond``, where XLA:CPU runs them ~20x slower.
+
+  Args:
+    model, tx: as :func:`make_train_step`.
+    sharpness_period: the optimizer's sharpness period (1: every step alike).
+    **kwargs: further arguments of :func:`make_train_step`.
+
+  Returns:
+    ``step(state, batch, index) -> (state, metrics)``.
+  """
+  compile_ = lambda **phase: jax.jit(make_train_step(model, tx, **kwargs, **phase),
+                                     donate_argnums=0)
+  if sharpness_period == 1:
+    jitted = compile_()
+    return lambda state, batch, index: jitted(state, batch)
+  phases = {phase: compile_(sharpness_step=phase) for phase in (True, False)}
+  return lambda state, batch, index: phases[index % sharpness_period == 0](state, batch)
 
 
 def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], Metrics]:
