@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 
@@ -372,6 +373,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     problems.append(f'quant.edge_bits (first/last layer) must be in 1..8, 32 or None, got {edge!r}')
   if config.quant.quantizer not in QUANTIZERS:
     problems.append(f'quant.quantizer must be one of {QUANTIZERS}, got {config.quant.quantizer!r}')
+  devices = jax.device_count()
+  for name in ('batch_size', 'eval_batch_size'):
+    if isinstance(config[name], int) and config[name] > 0 and config[name] % devices:
+      problems.append(f'{name} ({config[name]}) must be a multiple of the device count '
+                      f'({devices}): the global batch is split evenly over the devices')
   for name in ('batch_size', 'eval_batch_size', 'log_every_steps', 'keep_checkpoints',
                'eval_every_epochs'):
     if not isinstance(config[name], int) or config[name] <= 0:

@@ -26,6 +26,7 @@ from asga_jax import data, optim
 from asga_jax.analysis import (filter_normalized_direction, landscape_1d, landscape_2d,
                                plot_landscape_1d, plot_landscape_2d, save_landscape,
                                top_hessian_eigenvalue)
+from asga_jax.train import sharding
 from asga_jax.train.config import landscape_kinds
 from asga_jax.train.steps import TrainState, cross_entropy
 
@@ -42,7 +43,8 @@ def fixed_train_batches(data_config: ml_collections.ConfigDict, batch_size: int,
   with contextlib.closing(data.train_batches(
       config, global_batch_size=batch_size, seed=0, epoch=0,
       process_index=jax.process_index(), process_count=jax.process_count())) as batches:
-    return [jax.device_put(b) for b in itertools.islice(batches, num_batches)]
+    mesh = sharding.make_mesh()
+    return [sharding.put_batch(b, mesh) for b in itertools.islice(batches, num_batches)]
 
 
 def eval_mode_loss(model: nn.Module, batch_stats: Any, batches: list[dict[str, jax.Array]]

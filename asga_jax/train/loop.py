@@ -18,10 +18,11 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 
 from asga_jax import data
 from asga_jax.quant import LayerCost
-from asga_jax.train import steps
+from asga_jax.train import sharding, steps
 from asga_jax.train.checkpoints import StageCheckpoints
 from asga_jax.train.reporting import Reporter
 
@@ -76,12 +77,12 @@ class StageSpec:
   sharpness_period: int = 1
 
 
-def prefetch(batches: Iterator[Mapping[str, np.ndarray]], size: int = 2
+def prefetch(batches: Iterator[Mapping[str, np.ndarray]], mesh: Mesh, size: int = 2
              ) -> Iterator[dict[str, jax.Array]]:
-  """Moves batches to the device ``size`` ahead of their use."""
+  """Moves batches (this process's part) onto the mesh ``size`` ahead of their use."""
   queue = collections.deque()
   for batch in batches:
-    queue.append(jax.device_put(dict(batch)))
+    queue.append(sharding.put_batch(batch, mesh))
     if len(queue) > size:
       yield queue.popleft()
   while queue:
@@ -89,12 +90,16 @@ def prefetch(batches: Iterator[Mapping[str, np.ndarray]], size: int = 2
 
 
 def evaluate(eval_step, state: steps.TrainState, data_config: ml_collections.ConfigDict,
-             batch_size: int) -> dict[str, float]:
-  """Loss and accuracy over the whole eval split (padding masked out)."""
+             batch_size: int, mesh: Mesh) -> dict[str, float]:
+  """Loss and accuracy over the whole eval split (padding masked out).
+
+  ``eval_step`` comes from :func:`steps.jit_eval_step` with the same mesh.
+  """
   totals = None
+  state = sharding.put_replicated(state, mesh)
   for batch in prefetch(data.eval_batches(data_config, global_batch_size=batch_size,
                                           process_index=jax.process_index(),
-                                          process_count=jax.process_count())):
+                                          process_count=jax.process_count()), mesh):
     sums = eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
@@ -128,15 +133,18 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
   total = int(round(spec.epochs * steps_per_epoch))
   ckpts = StageCheckpoints(os.path.join(workdir, spec.name, 'checkpoints'),
                            config.keep_checkpoints)
-  state = steps.create_train_state(spec.variables, spec.tx)
+  mesh = sharding.make_mesh()
+  sharding.check_divisible(batch_size, mesh)
+  sharding.check_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
+  state = sharding.put_replicated(steps.create_train_state(spec.variables, spec.tx), mesh)
   if ckpts.latest_step() is not None:
     state, meta = ckpts.restore(state)
     logging.info('%s: resuming from step %d (epoch %d, batch %d) in %s', spec.name,
                  int(state.step), meta['epoch'], meta['batch'], ckpts.directory)
-  eval_step = jax.jit(steps.make_eval_step(spec.model))
+  eval_step = steps.jit_eval_step(spec.model, mesh)
   if int(state.step) >= total:
     logging.info('%s: already complete (%d steps); evaluating the final state', spec.name, total)
-    result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size)
+    result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size, mesh)
     ckpts.close()
     return state, result
 
@@ -144,7 +152,7 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
                                     label_smoothing=spec.label_smoothing,
                                     quantized_grads=spec.quantized_grads,
                                     m_sharpness=spec.m_sharpness,
-                                    sharpness_period=spec.sharpness_period)
+                                    sharpness_period=spec.sharpness_period, mesh=mesh)
   reporter = Reporter(workdir, spec.name, total, steps_per_epoch, batch_size)
   step = int(state.step)
   logging.info('%s: %d steps (%g epochs of %d steps, batch %d) from step %d', spec.name, total,
@@ -156,7 +164,7 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
   while step < total:
     epoch, start = divmod(step, steps_per_epoch)
     for batch in _epoch_batches(spec, config, epoch, start,
-                                min(steps_per_epoch - start, total - step)):
+                                min(steps_per_epoch - start, total - step), mesh):
       state, metrics = train_step(state, batch, step)
       step += 1
       if first_step_start is not None:
@@ -176,7 +184,7 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
         raise StopRequested(spec.name, step)
     if step == total or (step % steps_per_epoch == 0
                          and (step // steps_per_epoch) % config.eval_every_epochs == 0):
-      result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size)
+      result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size, mesh)
       reporter.eval(step, result)
     if epoch_hook is not None and step % steps_per_epoch == 0:
       measured = epoch_hook(step // steps_per_epoch, state)
@@ -188,14 +196,14 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
 
 
 def _epoch_batches(spec: StageSpec, config: ml_collections.ConfigDict, epoch: int, start: int,
-                   count: int) -> Iterator[dict[str, jax.Array]]:
+                   count: int, mesh: Mesh) -> Iterator[dict[str, jax.Array]]:
   """Batches start .. start+count-1 of ``epoch``, on the device."""
   # Closing the epoch's iterator stops its input threads at once.
   with contextlib.closing(data.train_batches(
       spec.data_config, global_batch_size=config.batch_size, seed=config.seed, epoch=epoch,
       start_batch=start, process_index=jax.process_index(),
       process_count=jax.process_count())) as batches:
-    yield from prefetch(itertools.islice(batches, count))
+    yield from prefetch(itertools.islice(batches, count), mesh)
 
 
 def _finish(ckpts: StageCheckpoints, reporter: Reporter) -> None:

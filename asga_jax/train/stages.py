@@ -31,7 +31,7 @@ from asga_jax.quant import (LayerCost, Policy, QuantSpec, argmax_policy, budget,
                             collect_layer_costs,
                             format_report, layer_report, load_policy, policy_bops, save_policy,
                             searchable_layers, validate_policy)
-from asga_jax.train import checkpoints, loop, optimizers, steps
+from asga_jax.train import checkpoints, loop, optimizers, sharding, steps
 from asga_jax.train.config import stage_data_config
 from asga_jax.train.diagnostics import Diagnostics
 
@@ -176,11 +176,13 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
           'sharpness': config.search.sharpness, 'comp_weight': config.search.comp_weight,
           'w_candidates': list(config.quant.w_bits), 'a_candidates': list(config.quant.a_bits),
           **budget_meta, **summary}
-  save_policy(policy, os.path.join(workdir, POLICY_FILE), meta=meta)
-  with open(os.path.join(workdir, 'search', 'report.txt'), 'w') as f:
-    f.write(table + '\n')
-  plot_bit_allocation(rows, os.path.join(workdir, BITS_PLOT),
-                      title=f'{config.model.name} on {info.name}, {config.search.sharpness} search')
+  if jax.process_index() == 0:
+    save_policy(policy, os.path.join(workdir, POLICY_FILE), meta=meta)
+    with open(os.path.join(workdir, 'search', 'report.txt'), 'w') as f:
+      f.write(table + '\n')
+    plot_bit_allocation(rows, os.path.join(workdir, BITS_PLOT), title=(
+        f'{config.model.name} on {info.name}, {config.search.sharpness} search'))
+  sharding.sync_processes('policy written')  # finetune reads it on every process
   logging.info('search: policy -> %s, plot -> %s', os.path.join(workdir, POLICY_FILE),
                os.path.join(workdir, BITS_PLOT))
   return summary
@@ -253,8 +255,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     variables = checkpoints.load_variables(os.path.join(workdir, stage))
     state = steps.TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
                              batch_stats=variables['batch_stats'], opt_state=None)
-    result = loop.evaluate(jax.jit(steps.make_eval_step(model)), state, data_config,
-                           config.eval_batch_size)
+    mesh = sharding.make_mesh()
+    result = loop.evaluate(steps.jit_eval_step(model, mesh), state, data_config,
+                           config.eval_batch_size, mesh)
     costs = collect_layer_costs(model, _sample_input(info))
     gbops = sum(r.bops_argmax for r in layer_report(None, costs)) / 1e9
     summary[stage] = {'accuracy': result['accuracy'], 'loss': result['loss'], 'gbops': gbops,

@@ -17,10 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from asga_jax.optim import complexity_stats, sharpness_stats
 from asga_jax.quant import LayerCost, complexity_loss, mean_expected_bits, total_bops
 from asga_jax.quant.layers import PERTURB
+from asga_jax.train import sharding
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -180,7 +182,8 @@ IndexedStep = Callable[[TrainState, Batch, int], tuple[TrainState, Metrics]]
 
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
-                   sharpness_period: int = 1, **kwargs: Any) -> IndexedStep:
+                   sharpness_period: int = 1, mesh: Mesh | None = None,
+                   **kwargs: Any) -> IndexedStep:
   """The jitted train step (state donated), as ``step(state, batch, index)``.
 
   With ``sharpness_period`` p > 1 (SAQ efficient training, tau = p) it holds
@@ -192,18 +195,35 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
   Args:
     model, tx: as :func:`make_train_step`.
     sharpness_period: the optimizer's sharpness period (1: every step alike).
+    mesh: data-parallel mesh (:mod:`asga_jax.train.sharding`): the state is
+      replicated and the batch split over its 'data' axis. None: jit's
+      defaults (one device).
     **kwargs: further arguments of :func:`make_train_step`.
 
   Returns:
     ``step(state, batch, index) -> (state, metrics)``.
   """
+  placement = {}
+  if mesh is not None:
+    placement = dict(in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                     out_shardings=sharding.replicated(mesh))
   compile_ = lambda **phase: jax.jit(make_train_step(model, tx, **kwargs, **phase),
-                                     donate_argnums=0)
+                                     donate_argnums=0, **placement)
   if sharpness_period == 1:
     jitted = compile_()
     return lambda state, batch, index: jitted(state, batch)
   phases = {phase: compile_(sharpness_step=phase) for phase in (True, False)}
   return lambda state, batch, index: phases[index % sharpness_period == 0](state, batch)
+
+
+def jit_eval_step(model: nn.Module, mesh: Mesh | None = None) -> Callable[[TrainState, Batch],
+                                                                          Metrics]:
+  """:func:`make_eval_step`, jitted; with a mesh, the batch split over 'data'."""
+  if mesh is None:
+    return jax.jit(make_eval_step(model))
+  return jax.jit(make_eval_step(model),
+                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], Metrics]:

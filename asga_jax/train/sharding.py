@@ -1,0 +1,102 @@
+"""Data parallelism with ``jax.sharding``: one 'data' mesh axis over every device.
+
+The global batch (the config's ``batch_size``, whatever the device count) is
+split along the mesh's 'data' axis; parameters, BatchNorm statistics and
+optimizer state are replicated. Inside the jitted step XLA all-reduces what the
+batch mean needs, so the loss, the gradient (and with it the ascent direction
+of SAM/ASGA/SAQ) and the BatchNorm statistics of the clean pass are those of
+the global batch: synchronized BatchNorm, the same numbers as on one device.
+
+Several processes (hosts) each feed their own part of the global batch
+(:func:`put_batch`); :func:`initialize_distributed` joins them first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh with axis 'data' over ``devices`` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the 'data' axis."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_divisible(batch_size: int, mesh: Mesh, what: str = 'batch_size') -> None:
+  """Raises a ValueError naming the fix when the batch does not split evenly."""
+  n = mesh.shape[DATA_AXIS]
+  if batch_size % n:
+    raise ValueError(f'{what} ({batch_size}) must be a multiple of the number of devices ({n}); '
+                     f'e.g. --config.{what}={max(n, batch_size // n * n)}.')
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's part of a global batch -> global arrays split over 'data'."""
+  sharding = batch_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Copies ``tree`` (e.g. the train state, the same on every process) to every device.
+
+  Across processes, each contributes its own copy: ``device_put`` would compare
+  them first, and NaN entries of a fresh optimizer state never compare equal.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, replicated(mesh))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      replicated(mesh), np.asarray(x)), tree)
+
+
+def _cluster_size_from_env() -> int:
+  """Processes of a cluster launch that jax.distributed can auto-detect (else 1)."""
+  for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+    if os.environ.get(var, '1').isdigit() and int(os.environ.get(var, '1')) > 1:
+      return int(os.environ[var])
+  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')  # set on every TPU-VM pod worker
+  return len(hosts.split(',')) if hosts else 1
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Joins a multi-process run, before any other JAX call.
+
+  Explicit arguments (e.g. two processes on one machine) take precedence;
+  otherwise SLURM, Open MPI and TPU-VM pod launches are detected from the
+  environment and left to ``jax.distributed.initialize()``; a single process
+  does nothing.
+  """
+  if num_processes is not None and num_processes > 1:
+    if coordinator_address is None or process_id is None:
+      raise ValueError('a multi-process launch needs --coordinator_address=HOST:PORT, '
+                       '--num_processes and --process_id (0 .. num_processes-1).')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  elif _cluster_size_from_env() > 1:
+    jax.distributed.initialize()
+
+
+def sync_processes(name: str) -> None:
+  """Waits until every process reaches this point (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
