@@ -1,8 +1,8 @@
 """Run by test_sharding.py (python -m tests.multidevice_script) with 8 simulated CPU devices.
 
 Prints one JSON object: for each check, the largest relative difference of
-parameters (and BatchNorm statistics): data-parallel steps on 8 devices against
-one-device steps, m-sharpness against the global ascent, and a checkpoint saved
+parameters (and BatchNorm statistics): data-parallel steps on 8 devices (state
+replicated, or FSDP-sharded) against one-device steps, m-sharpness against the global ascent, and a checkpoint saved
 from 8 devices against its restores onto meshes of 1 and 4 devices.
 """
 
@@ -31,14 +31,19 @@ def max_rel_diff(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def compare(model, tx, batch, num_steps=2, single_kwargs=None, **kwargs):
+def compare(model, tx, batch, num_steps=2, single_kwargs=None, fsdp=False, **kwargs):
   """(max relative difference, final sharded state); ``single_kwargs`` change the 1-device step."""
   variables = jax.jit(model.init)(jax.random.key(0, impl='rbg'), batch['image'][:1])
   single = steps.jit_train_step(model, tx, **{**kwargs, **(single_kwargs or {})})
   mesh = sharding.make_mesh()
-  sharded = steps.jit_train_step(model, tx, mesh=mesh, **kwargs)
   a = steps.create_train_state(jax.tree.map(jnp.copy, variables), tx)
-  b = sharding.put_replicated(steps.create_train_state(variables, tx), mesh)
+  b = steps.create_train_state(variables, tx)
+  # min_size=64: the tiny test model's kernels are split too.
+  shardings = sharding.state_shardings(b, mesh, fsdp=fsdp, min_size=64)
+  b = sharding.put_state(b, shardings)
+  if fsdp:
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(b.params))
+  sharded = steps.jit_train_step(model, tx, mesh=mesh, state_sharding=shardings, **kwargs)
   global_batch = sharding.put_batch(batch, mesh)
   assert len(global_batch['image'].sharding.device_set) == 8
   for i in range(num_steps):
@@ -58,6 +63,7 @@ def main() -> None:
   tx = optax.chain(optim.complexity_penalty(costs, weight=0.1),
                    optim.asga(optax.sgd(0.05, momentum=0.9)))
   results['search_asga'], state = compare(supernet, tx, batch, costs=costs)
+  results['search_asga_fsdp'], _ = compare(supernet, tx, batch, costs=costs, fsdp=True)
   fixed = models.resnet8(10, width=4, quant=QuantSpec(mode='fixed', uniform=LayerBits(4, 4)))
   results['finetune_sgd'], _ = compare(fixed, optax.sgd(0.05, momentum=0.9, nesterov=True),
                                        batch)

@@ -33,6 +33,10 @@ def test_sharded_asga_search_step_equals_one_device(eight_device_results):
   assert eight_device_results['search_asga'] < TOLERANCE
 
 
+def test_fsdp_sharded_state_gives_the_same_search_step(eight_device_results):
+  assert eight_device_results['search_asga_fsdp'] < TOLERANCE
+
+
 def test_sharded_finetune_step_equals_one_device(eight_device_results):
   assert eight_device_results['finetune_sgd'] < TOLERANCE
 

@@ -70,7 +70,9 @@ def default_config() -> ml_collections.ConfigDict:
     seed: seeds initialization and the data order (augmentation included).
     stages: which stages run, in order: comma-separated names out of
       'pretrain', 'search', 'finetune', 'eval' (e.g. --config.stages=finetune,eval).
-    batch_size, eval_batch_size: global batch sizes (split over processes).
+    batch_size, eval_batch_size: global batch sizes (split over the devices).
+    fsdp: shard large parameters and optimizer state over the devices instead
+      of replicating them (FSDP-style; for the large ViT configs).
     data: input pipeline (see ``asga_jax.data.default_data_config``).
     model: name (see ``asga_jax.models.MODELS``), width (None: the model's
       default), stem ('auto' picks 'cifar' below 64 px, else 'imagenet').
@@ -111,6 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.stages = ','.join(STAGES)
   config.batch_size = 128
   config.eval_batch_size = 256
+  config.fsdp = False  # shard params and optimizer state over the devices (large models)
   config.data = default_data_config()
   config.model = ml_collections.ConfigDict({
       'name': 'resnet20',

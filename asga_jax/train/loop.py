@@ -93,10 +93,10 @@ def evaluate(eval_step, state: steps.TrainState, data_config: ml_collections.Con
              batch_size: int, mesh: Mesh) -> dict[str, float]:
   """Loss and accuracy over the whole eval split (padding masked out).
 
-  ``eval_step`` comes from :func:`steps.jit_eval_step` with the same mesh.
+  ``eval_step`` is the jitted :func:`steps.make_eval_step`; ``state`` lies on
+  ``mesh`` (jit follows the arguments' shardings).
   """
   totals = None
-  state = sharding.put_replicated(state, mesh)
   for batch in prefetch(data.eval_batches(data_config, global_batch_size=batch_size,
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count()), mesh):
@@ -136,12 +136,14 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
   mesh = sharding.make_mesh()
   sharding.check_divisible(batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
-  state = sharding.put_replicated(steps.create_train_state(spec.variables, spec.tx), mesh)
+  state = steps.create_train_state(spec.variables, spec.tx)
+  state_sharding = sharding.state_shardings(state, mesh, fsdp=config.fsdp)
+  state = sharding.put_state(state, state_sharding)
   if ckpts.latest_step() is not None:
     state, meta = ckpts.restore(state)
     logging.info('%s: resuming from step %d (epoch %d, batch %d) in %s', spec.name,
                  int(state.step), meta['epoch'], meta['batch'], ckpts.directory)
-  eval_step = steps.jit_eval_step(spec.model, mesh)
+  eval_step = jax.jit(steps.make_eval_step(spec.model))
   if int(state.step) >= total:
     logging.info('%s: already complete (%d steps); evaluating the final state', spec.name, total)
     result = evaluate(eval_step, state, spec.data_config, config.eval_batch_size, mesh)
@@ -152,7 +154,8 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
                                     label_smoothing=spec.label_smoothing,
                                     quantized_grads=spec.quantized_grads,
                                     m_sharpness=spec.m_sharpness,
-                                    sharpness_period=spec.sharpness_period, mesh=mesh)
+                                    sharpness_period=spec.sharpness_period, mesh=mesh,
+                                    state_sharding=state_sharding)
   reporter = Reporter(workdir, spec.name, total, steps_per_epoch, batch_size)
   step = int(state.step)
   logging.info('%s: %d steps (%g epochs of %d steps, batch %d) from step %d', spec.name, total,

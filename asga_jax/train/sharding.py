@@ -55,16 +55,51 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
           for k, v in batch.items()}
 
 
-def put_replicated(tree: Any, mesh: Mesh) -> Any:
-  """Copies ``tree`` (e.g. the train state, the same on every process) to every device.
+def state_shardings(state: Any, mesh: Mesh, fsdp: bool = False,
+                    min_size: int = 2 ** 16) -> Any:
+  """Shardings of a train state: replicated, or FSDP-style split over 'data'.
 
-  Across processes, each contributes its own copy: ``device_put`` would compare
-  them first, and NaN entries of a fresh optimizer state never compare equal.
+  With ``fsdp``, every leaf of at least ``min_size`` elements is split along
+  its largest axis that the device count divides (kernels, momenta); small
+  leaves (biases, BatchNorm, logits, scalars) stay replicated. XLA gathers
+  the parameters where the step needs them whole.
   """
-  if jax.process_count() == 1:
-    return jax.device_put(tree, replicated(mesh))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-      replicated(mesh), np.asarray(x)), tree)
+  n = mesh.shape[DATA_AXIS]
+
+  def one(x):
+    shape = np.shape(x)
+    if not fsdp or n == 1 or int(np.prod(shape)) < min_size:
+      return replicated(mesh)
+    axes = [a for a in np.argsort(shape)[::-1] if shape[a] % n == 0]
+    if not axes:
+      return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[int(axes[0])] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  return jax.tree.map(one, state)
+
+
+def put_state(tree: Any, shardings: Any) -> Any:
+  """Places ``tree`` (the same on every process) with ``shardings`` (a tree or one sharding).
+
+  Each device takes its slice of the host copy, so no process compares its
+  copy with the others' (NaN entries of a fresh optimizer state never would).
+  """
+  if isinstance(shardings, NamedSharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def put(x, sharding):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: np.asarray(host[index]))
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Copies ``tree`` (e.g. the train state) to every device of the mesh."""
+  return put_state(tree, replicated(mesh))
 
 
 def _cluster_size_from_env() -> int:

@@ -256,7 +256,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = steps.TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
                              batch_stats=variables['batch_stats'], opt_state=None)
     mesh = sharding.make_mesh()
-    result = loop.evaluate(steps.jit_eval_step(model, mesh), state, data_config,
+    result = loop.evaluate(jax.jit(steps.make_eval_step(model)),
+                           sharding.put_replicated(state, mesh), data_config,
                            config.eval_batch_size, mesh)
     costs = collect_layer_costs(model, _sample_input(info))
     gbops = sum(r.bops_argmax for r in layer_report(None, costs)) / 1e9

@@ -183,7 +183,7 @@ IndexedStep = Callable[[TrainState, Batch, int], tuple[TrainState, Metrics]]
 
 def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                    sharpness_period: int = 1, mesh: Mesh | None = None,
-                   **kwargs: Any) -> IndexedStep:
+                   state_sharding: Any = None, **kwargs: Any) -> IndexedStep:
   """The jitted train step (state donated), as ``step(state, batch, index)``.
 
   With ``sharpness_period`` p > 1 (SAQ efficient training, tau = p) it holds
@@ -195,9 +195,10 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
   Args:
     model, tx: as :func:`make_train_step`.
     sharpness_period: the optimizer's sharpness period (1: every step alike).
-    mesh: data-parallel mesh (:mod:`asga_jax.train.sharding`): the state is
-      replicated and the batch split over its 'data' axis. None: jit's
-      defaults (one device).
+    mesh: data-parallel mesh (:mod:`asga_jax.train.sharding`): the batch is
+      split over its 'data' axis. None: jit's defaults (one device).
+    state_sharding: the state's shardings on ``mesh`` (default replicated;
+      see :func:`sharding.state_shardings` for FSDP).
     **kwargs: further arguments of :func:`make_train_step`.
 
   Returns:
@@ -205,8 +206,9 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
   """
   placement = {}
   if mesh is not None:
-    placement = dict(in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                     out_shardings=sharding.replicated(mesh))
+    state_sharding = state_sharding or sharding.replicated(mesh)
+    placement = dict(in_shardings=(state_sharding, sharding.batch_sharded(mesh)),
+                     out_shardings=(state_sharding, sharding.replicated(mesh)))
   compile_ = lambda **phase: jax.jit(make_train_step(model, tx, **kwargs, **phase),
                                      donate_argnums=0, **placement)
   if sharpness_period == 1:
@@ -214,16 +216,6 @@ def jit_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     return lambda state, batch, index: jitted(state, batch)
   phases = {phase: compile_(sharpness_step=phase) for phase in (True, False)}
   return lambda state, batch, index: phases[index % sharpness_period == 0](state, batch)
-
-
-def jit_eval_step(model: nn.Module, mesh: Mesh | None = None) -> Callable[[TrainState, Batch],
-                                                                          Metrics]:
-  """:func:`make_eval_step`, jitted; with a mesh, the batch split over 'data'."""
-  if mesh is None:
-    return jax.jit(make_eval_step(model))
-  return jax.jit(make_eval_step(model),
-                 in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.replicated(mesh))
 
 
 def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], Metrics]:
