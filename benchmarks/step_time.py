@@ -79,14 +79,15 @@ class Variant:
   tx: optax.GradientTransformation
   make_step: Callable[..., Callable[..., Any]]
   period: int = 1
+  compiled: dict[bool | None, Any] = dataclasses.field(default_factory=dict, init=False)
 
   def compile(self, batch) -> tuple[Any, float, dict[str, float]]:
     """(fresh train state, compile seconds, XLA cost per step averaged over a period)."""
     state = steps.create_train_state(jax.tree.map(jnp.copy, dict(self.variables)), self.tx)
     phases = (None,) if self.period == 1 else (True, False)
     t0 = time.perf_counter()
-    self.compiled = {p: jax.jit(self.make_step(sharpness_step=p), donate_argnums=0).lower(state, batch).compile()
-                     for p in phases}
+    self.compiled = {p: jax.jit(self.make_step(sharpness_step=p), donate_argnums=0)
+                     .lower(state, batch).compile() for p in phases}
     seconds = time.perf_counter() - t0
     weight = {None: 1.0, True: 1.0 / self.period, False: 1.0 - 1.0 / self.period}
     cost = {k: sum(weight[p] * float(self.compiled[p].cost_analysis()[k]) for p in phases)

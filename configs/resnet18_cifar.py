@@ -12,19 +12,8 @@ Variants: (none) CIFAR-10 from TFDS; folder (image folder / archive); demo
 
 import ml_collections
 
-from asga_jax.train.config import default_config, demo_variant, smoke_variant, unknown_variant
+from asga_jax.train.config import cifar_config
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  config = default_config()
-  config.model.name = 'resnet18'
-  if not variant:
-    return config
-  if variant == 'folder':
-    config.data.name = 'folder'
-    return config
-  if variant == 'demo':
-    return demo_variant(config)
-  if variant == 'smoke':
-    return smoke_variant(config, image_size=32)
-  raise unknown_variant('resnet18_cifar', variant, ('demo', 'smoke', 'folder'))
+  return cifar_config('resnet18', variant, config_name='resnet18_cifar', smoke_image_size=32)

@@ -13,20 +13,8 @@ Variants (after the colon):
 
 import ml_collections
 
-from asga_jax.train.config import default_config, demo_variant, smoke_variant, unknown_variant
+from asga_jax.train.config import cifar_config
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  config = default_config()
-  config.model.name = 'resnet20'
-  if not variant:
-    return config
-  if variant == 'folder':
-    config.data.name = 'folder'
-    return config
-  if variant == 'demo':
-    return demo_variant(config)
-  if variant == 'smoke':
-    config.model.name = 'resnet8'
-    return smoke_variant(config)
-  raise unknown_variant('resnet20_cifar', variant, ('demo', 'smoke', 'folder'))
+  return cifar_config('resnet20', variant, config_name='resnet20_cifar', smoke_model='resnet8')

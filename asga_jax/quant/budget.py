@@ -20,17 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asga_jax.quant.complexity import LayerCost, policy_bops
+from asga_jax.quant.complexity import LayerCost, layer_bops, layer_params, own_bits, policy_bops
 from asga_jax.quant.policy import LayerBits, Policy
-from asga_jax.quant.quantizers import FULL_PRECISION_BITS
 
 _TARGET = re.compile(r'^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>MP|G|M)?\s*$', re.IGNORECASE)
 
 
 def _fixed_bops(costs: Sequence[LayerCost]) -> float:
   """BOPs of the layers that are not searched (edge or fixed layers, at their own bits)."""
-  own = lambda bits: bits[-1] if bits else FULL_PRECISION_BITS
-  return float(sum(c.macs * own(c.w_bits) * own(c.a_bits) for c in costs if not c.searchable))
+  return sum(layer_bops(c, *own_bits(c)) for c in costs if not c.searchable)
 
 
 def uniform_bops(costs: Sequence[LayerCost], bits: float) -> float:
@@ -78,19 +76,12 @@ def bops_range(costs: Sequence[LayerCost]) -> tuple[float, float]:
           fixed + float(sum(c.macs * c.w_bits[-1] * c.a_bits[-1] for c in searched)))
 
 
-def _logits(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-  node = params
-  for key in path.split('/'):
-    node = node[key]
-  return node
-
-
 def argmax_bops(params: Mapping[str, Any], costs: Sequence[LayerCost]) -> jax.Array:
   """BOPs per example of the argmax policy (traceable; not differentiable)."""
   total = jnp.asarray(_fixed_bops(costs), jnp.float32)
   for c in costs:
     if c.searchable:
-      node = _logits(params, c.path)
+      node = layer_params(params, c.path)
       bw = jnp.asarray(c.w_bits, jnp.float32)[jnp.argmax(node['w_logits'])]
       ba = jnp.asarray(c.a_bits, jnp.float32)[jnp.argmax(node['a_logits'])]
       total = total + c.macs * bw * ba
@@ -135,14 +126,14 @@ def fit_policy_to_budget(params: Mapping[str, Any], costs: Sequence[LayerCost], 
   """
   lo, hi = target * (1 - tolerance), target * (1 + tolerance)
   searched = [c for c in costs if c.searchable]
-  logits = {c.path: {k: np.asarray(_logits(params, c.path)[f'{k}_logits'], np.float64)
+  logits = {c.path: {k: np.asarray(layer_params(params, c.path)[f'{k}_logits'], np.float64)
                      for k in ('w', 'a')} for c in searched}
   choice = {c.path: {k: int(np.argmax(logits[c.path][k])) for k in ('w', 'a')}
             for c in searched}
   bits = lambda c, k, i: (c.w_bits if k == 'w' else c.a_bits)[i]
-  layer_bops = lambda c, ch: c.macs * bits(c, 'w', ch['w']) * bits(c, 'a', ch['a'])
+  chosen_bops = lambda c, ch: layer_bops(c, bits(c, 'w', ch['w']), bits(c, 'a', ch['a']))
   fixed = _fixed_bops(costs)
-  total = lambda: fixed + sum(layer_bops(c, choice[c.path]) for c in searched)
+  total = lambda: fixed + sum(chosen_bops(c, choice[c.path]) for c in searched)
   start, moves = total(), []
   for _ in range(max_moves):
     current = total()
@@ -156,7 +147,7 @@ def fit_policy_to_budget(params: Mapping[str, Any], costs: Sequence[LayerCost], 
         if not 0 <= i < len(c.w_bits if k == 'w' else c.a_bits):
           continue
         moved = dict(choice[c.path], **{k: i})
-        delta = layer_bops(c, moved) - layer_bops(c, choice[c.path])
+        delta = chosen_bops(c, moved) - chosen_bops(c, choice[c.path])
         after = current + delta
         regret = (logits[c.path][k][choice[c.path][k]] - logits[c.path][k][i]) / abs(delta)
         overshoot = after < lo if step < 0 else after > hi

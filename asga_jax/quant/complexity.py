@@ -96,7 +96,7 @@ def collect_layer_costs(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[La
   return tuple(records.values())
 
 
-def _layer_params(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+def layer_params(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
   node = params
   for key in path.split('/'):
     node = node[key]
@@ -111,7 +111,7 @@ def expected_bits(params: Mapping[str, Any], cost: LayerCost) -> tuple[jax.Array
       return jnp.asarray(float(FULL_PRECISION_BITS))
     if len(bits) == 1:
       return jnp.asarray(float(bits[0]))
-    logits = _layer_params(params, cost.path)[logits_name]
+    logits = layer_params(params, cost.path)[logits_name]
     return jnp.dot(jax.nn.softmax(logits), jnp.asarray(bits, jnp.float32))
 
   return one(cost.w_bits, 'w_logits'), one(cost.a_bits, 'a_logits')
@@ -125,7 +125,7 @@ def argmax_bits(params: Mapping[str, Any], cost: LayerCost) -> tuple[int | None,
       return None
     if len(bits) == 1:
       return bits[0]
-    logits = _layer_params(params, cost.path)[logits_name]
+    logits = layer_params(params, cost.path)[logits_name]
     return bits[int(jnp.argmax(logits))]
 
   return one(cost.w_bits, 'w_logits'), one(cost.a_bits, 'a_logits')
@@ -164,6 +164,25 @@ def complexity_loss(params: Mapping[str, Any], costs: Sequence[LayerCost]) -> ja
   return total_bops(params, costs) / reference_bops(costs)
 
 
+def layer_bops(cost: LayerCost, w: int | None, a: int | None) -> float:
+  """BOPs per example of one layer at ``w``/``a`` bits (None: full precision)."""
+  return float(cost.macs * (w or FULL_PRECISION_BITS) * (a or FULL_PRECISION_BITS))
+
+
+def own_bits(cost: LayerCost) -> tuple[int | None, int | None]:
+  """A layer's bits without a policy: its fixed bits (or largest candidate), None for FP."""
+  return (cost.w_bits[-1] if cost.w_bits else None, cost.a_bits[-1] if cost.a_bits else None)
+
+
+def policy_layer_bits(policy: Policy, cost: LayerCost) -> tuple[int | None, int | None]:
+  """A layer's bits under ``policy``; a layer not in it (edge, fixed) keeps its own."""
+  if cost.path in policy:
+    return policy[cost.path].w, policy[cost.path].a
+  if cost.searchable:
+    raise ValueError(f'searchable layer {cost.path!r} is not in the policy.')
+  return own_bits(cost)
+
+
 def policy_bops(policy: Policy, costs: Sequence[LayerCost]) -> float:
   """BOPs per example of ``costs``' model quantized with ``policy``.
 
@@ -171,18 +190,7 @@ def policy_bops(policy: Policy, costs: Sequence[LayerCost]) -> float:
   their own bits; this is how a policy searched at one resolution is costed
   at another.
   """
-  total = 0
-  for c in costs:
-    if c.path in policy:
-      b = policy[c.path]
-      bw, ba = (b.w or FULL_PRECISION_BITS), (b.a or FULL_PRECISION_BITS)
-    else:
-      bw = c.w_bits[-1] if c.w_bits else FULL_PRECISION_BITS
-      ba = c.a_bits[-1] if c.a_bits else FULL_PRECISION_BITS
-      if c.searchable:
-        raise ValueError(f'searchable layer {c.path!r} is not in the policy.')
-    total += c.macs * bw * ba
-  return float(total)
+  return sum(layer_bops(c, *policy_layer_bits(policy, c)) for c in costs)
 
 
 def searchable_layers(costs: Sequence[LayerCost]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -223,9 +231,8 @@ def layer_report(params: Mapping[str, Any] | None, costs: Sequence[LayerCost],
       w, a = policy[c.path].w, policy[c.path].a
     else:
       w, a = argmax_bits(params, c)
-    bw, ba = (w or FULL_PRECISION_BITS), (a or FULL_PRECISION_BITS)
     rows.append(LayerReport(c.path, c.macs, c.num_weights, ew, ea, w, a,
-                            c.macs * ew * ea, float(c.macs * bw * ba)))
+                            c.macs * ew * ea, layer_bops(c, w, a)))
   return rows
 
 
@@ -273,12 +280,8 @@ def format_model_summary(costs: Sequence[LayerCost], policy: Policy | None = Non
     line = (f'{c.path:<{width}} {c.kind:<11} {shape(c.in_shape):>14} {shape(c.out_shape):>14} '
             f'{c.macs / 1e6:9.3f} {c.num_weights:10d} {c.macs * 64 / 1e6:10.2f}')
     if policy is not None:
-      if c.path in policy:
-        w, a = policy[c.path].w, policy[c.path].a
-      else:
-        w = c.w_bits[-1] if c.w_bits else None
-        a = c.a_bits[-1] if c.a_bits else None
-      b = c.macs * (w or FULL_PRECISION_BITS) * (a or FULL_PRECISION_BITS)
+      w, a = policy_layer_bits(policy, c)
+      b = layer_bops(c, w, a)
       total_policy += b
       line += f' {bits(w):>3} {bits(a):>3} {b / 1e6:10.2f}'
     lines.append(line)

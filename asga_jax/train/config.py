@@ -197,6 +197,30 @@ def smoke_variant(config: ml_collections.ConfigDict, *, width: int = 4,
   return config
 
 
+def cifar_config(model: str, variant: str | None, *, config_name: str,
+                 smoke_model: str | None = None, smoke_image_size: int = 16
+                 ) -> ml_collections.ConfigDict:
+  """A model on CIFAR-10, every stage.
+
+  Variants: None (CIFAR-10 from TFDS), 'folder' (an image folder or archive),
+  'demo' (the embedded sample), 'smoke' (one epoch, tiny: ``smoke_model`` if
+  given, at ``smoke_image_size`` px).
+  """
+  config = default_config()
+  config.model.name = model
+  if not variant:
+    return config
+  if variant == 'folder':
+    config.data.name = 'folder'
+    return config
+  if variant == 'demo':
+    return demo_variant(config)
+  if variant == 'smoke':
+    config.model.name = smoke_model or model
+    return smoke_variant(config, image_size=smoke_image_size)
+  raise unknown_variant(config_name, variant, ('demo', 'smoke', 'folder'))
+
+
 def proxy_to_target_config(model: str, variant: str | None, *, config_name: str,
                            bits: Sequence[int], quantizer: str = 'clip', lr_scale: float = 1.0,
                            demo_width: int = 16, smoke_width: int = 4
