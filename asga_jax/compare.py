@@ -10,11 +10,11 @@ first.
 """
 
 import dataclasses
-import json
 import sys
 
 from absl import app, flags
 
+from asga_jax.files import write_json
 from asga_jax.train.summary import format_table, summarize_run
 
 FLAGS = flags.FLAGS
@@ -35,8 +35,7 @@ def main(argv):
     sys.exit(f'error: {e}')
   print(format_table(runs))
   if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
-      json.dump([dataclasses.asdict(r) for r in runs], f, indent=2)
+    write_json(FLAGS.json, [dataclasses.asdict(r) for r in runs])
 
 
 if __name__ == '__main__':

@@ -37,10 +37,8 @@ def compare(model, tx, batch, num_steps=2, single_kwargs=None, fsdp=False, **kwa
   single = steps.jit_train_step(model, tx, **{**kwargs, **(single_kwargs or {})})
   mesh = sharding.make_mesh()
   a = steps.create_train_state(jax.tree.map(jnp.copy, variables), tx)
-  b = steps.create_train_state(variables, tx)
   # min_size=64: the tiny test model's kernels are split too.
-  shardings = sharding.state_shardings(b, mesh, fsdp=fsdp, min_size=64)
-  b = sharding.put_state(b, shardings)
+  b, shardings = steps.init_train_state(variables, tx, mesh, fsdp=fsdp, min_size=64)
   if fsdp:
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(b.params))
   sharded = steps.jit_train_step(model, tx, mesh=mesh, state_sharding=shardings, **kwargs)

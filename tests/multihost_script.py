@@ -2,10 +2,15 @@
 
 Each process joins through jax.distributed over the loopback address, feeds
 its half of a global batch, takes three data-parallel ASGA search steps and
-saves its own copy of the parameters to OUT/params_<PID>.npz.
+saves its own copy of the parameters to OUT/params_<PID>.npz. Then process 1
+receives SIGTERM (a preemption notice) at step 5 of a loop; each process
+prints the step at which ``sharding.preemption_reached`` told it to save.
 """
 
+import os
+import signal
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +45,8 @@ def main() -> None:
   assert jax.process_count() == 2 and jax.process_index() == pid
   model, costs, tx, variables = setup()
   mesh = sharding.make_mesh()
-  step = steps.jit_train_step(model, tx, costs=costs, mesh=mesh)
-  state = sharding.put_replicated(steps.create_train_state(variables, tx), mesh)
+  state, shardings = steps.init_train_state(variables, tx, mesh)
+  step = steps.jit_train_step(model, tx, costs=costs, mesh=mesh, state_sharding=shardings)
   half = GLOBAL_BATCH // 2
   local = {k: v[pid * half:(pid + 1) * half] for k, v in global_batch().items()}
   for i in range(3):
@@ -50,6 +55,14 @@ def main() -> None:
             for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
   np.savez(f'{out}/params_{pid}.npz', **params)
   print(f'process {pid}: loss {float(metrics["loss"]):.4f}', flush=True)
+
+  for step in range(1, 1000):
+    if pid == 1 and step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)  # caught by JAX's preemption notifier
+    if sharding.preemption_reached(step):
+      print(f'process {pid}: save at step {step}', flush=True)
+      break
+    time.sleep(0.01)  # a training step
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -70,13 +71,17 @@ def test_two_processes_on_localhost_agree_with_each_other_and_one_device(tmp_pat
   procs = [subprocess.Popen([sys.executable, '-m', 'tests.multihost_script', str(pid), str(port),
                              str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for pid in (0, 1)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
+  saved_at = []
+  for pid, p in enumerate(procs):
+    out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
+    saved_at.append(int(re.search(rf'process {pid}: save at step (\d+)', out)[1]))
   a, b = (dict(np.load(tmp_path / f'params_{pid}.npz')) for pid in (0, 1))
   assert a.keys() == b.keys()
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])  # replicas are bit-identical
+  # SIGTERM on process 1 only: both processes save at the same step, after the signal.
+  assert saved_at[0] == saved_at[1] >= 5
 
   # The same three steps on one device over the whole global batch.
   from tests import multihost_script as script

@@ -364,3 +364,16 @@ def test_jit_train_step_static_phases_match_in_graph_choice():
     np.testing.assert_allclose(float(metrics_b['h']), float(metrics_a['h']), rtol=1e-5)
   for leaf_a, leaf_b in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(leaf_b, leaf_a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('tx', [
+    optim.sam(optax.sgd(0.1), rho=0.05),
+    optax.chain(optim.sharpness_probe(rho=0.05), optax.sgd(0.1)),
+    optim.saq(optax.sgd(0.1), rho=0.5, tau=2), optim.asga(optax.sgd(0.1, momentum=0.9)),
+], ids=['sam', 'probe', 'saq', 'asga'])
+def test_optimizer_state_leaves_are_distinct_arrays(tx):
+  """A train step donates its state; one array in two places would be donated twice."""
+  params = {'w': jnp.ones((3,)), 'b': jnp.zeros(())}
+  state = steps.create_train_state({'params': params}, tx)
+  leaves = jax.tree.leaves(state)
+  assert len({id(x) for x in leaves}) == len(leaves)

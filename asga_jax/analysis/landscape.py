@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
+
+from asga_jax.files import atomic_write, save_figure
 
 from asga_jax.analysis.hessian import Mask, gaussian_leaves, mask_leaves
 
@@ -157,7 +158,7 @@ def plot_landscape_1d(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: P
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.savefig(path, dpi=120)
+  save_figure(fig, path, dpi=120)
 
 
 def plot_landscape_2d(alphas: ArrayLike, betas: ArrayLike, losses: ArrayLike, path: PathLike, *,
@@ -194,7 +195,7 @@ def plot_landscape_2d(alphas: ArrayLike, betas: ArrayLike, losses: ArrayLike, pa
   ax.locator_params(nbins=5)
   ax.set_title(title)
   ax.legend(loc='upper right')
-  fig.savefig(path, dpi=120)
+  save_figure(fig, path, dpi=120)
 
 
 def save_landscape(path: PathLike, **arrays: ArrayLike) -> None:
@@ -208,12 +209,5 @@ def save_landscape(path: PathLike, **arrays: ArrayLike) -> None:
     path: output file.
     **arrays: the arrays to save, by name; read back with ``np.load(path)``.
   """
-  path = os.fspath(path)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    os.remove(tmp)
-    raise
+  with atomic_write(path, 'wb') as f:
+    np.savez(f, **arrays)

@@ -11,6 +11,7 @@ matplotlib.use('Agg')  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from asga_jax.files import save_figure  # noqa: E402
 from asga_jax.quant import LayerReport  # noqa: E402
 from asga_jax.quant.quantizers import FULL_PRECISION_BITS  # noqa: E402
 
@@ -42,5 +43,5 @@ def plot_bit_allocation(rows: Sequence[LayerReport], path: str | os.PathLike[str
   ax.legend(loc='upper right')
   gbops = sum(r.bops_argmax for r in rows) / 1e9
   ax.set_title(f'{title} ({gbops:.3f} GBOPs)')
-  fig.savefig(path, dpi=120)
+  save_figure(fig, path, dpi=120)
   plt.close(fig)

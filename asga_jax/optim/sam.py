@@ -44,9 +44,9 @@ def _sam_like(rho: float, perturb_mask: Mask | None, apply: bool
 
   def init_fn(params: Any) -> SAMState:
     del params
-    zero = jnp.zeros([], jnp.float32)
-    return SAMState(count=jnp.zeros([], jnp.int32), rho=jnp.asarray(rho, jnp.float32), h=zero,
-                    sigma_max=zero)
+    # Distinct arrays per field: one array in two places breaks buffer donation.
+    return SAMState(count=jnp.zeros([], jnp.int32), rho=jnp.asarray(rho, jnp.float32),
+                    h=jnp.zeros([], jnp.float32), sigma_max=jnp.zeros([], jnp.float32))
 
   def update_fn(updates, state, params=None, *, value=None, grad_fn=None, task_grads=None,
                 **extra_args):

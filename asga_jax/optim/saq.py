@@ -127,10 +127,11 @@ def saq_gradient(*, rho: float = 0.5, case: int = 3, perturb_mask: Mask | None =
   default_mask = partition.label_mask(partition.WEIGHTS, partition.NORM)
 
   def init_fn(params: Any) -> SAQState:
-    zero = jnp.zeros([], jnp.float32)
     orthogonal = jax.tree.map(jnp.zeros_like, params) if tau > 1 else ()
-    return SAQState(count=jnp.zeros([], jnp.int32), rho=jnp.asarray(rho, jnp.float32), h=zero,
-                    sigma_max=zero, orthogonal=orthogonal)
+    # Distinct arrays per field: one array in two places breaks buffer donation.
+    return SAQState(count=jnp.zeros([], jnp.int32), rho=jnp.asarray(rho, jnp.float32),
+                    h=jnp.zeros([], jnp.float32), sigma_max=jnp.zeros([], jnp.float32),
+                    orthogonal=orthogonal)
 
   def sharpness_gradient(params, direction, quantized_grads, value, grad_fn, rho_):
     """(h, g_s): the perturbed pass of the configured case."""

@@ -22,6 +22,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from asga_jax.files import write_json
+
 POLICY_FORMAT = 'asga_jax.policy/v1'
 
 
@@ -121,12 +123,7 @@ class Policy:
 def save_policy(policy: Policy, path: str | os.PathLike[str],
                 meta: Mapping[str, Any] | None = None) -> None:
   """Writes ``policy`` as JSON, atomically (temporary file, then rename)."""
-  path = os.fspath(path)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(policy.to_json_dict(meta), f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
+  write_json(path, policy.to_json_dict(meta), sort_keys=True)
 
 
 def load_policy(path: str | os.PathLike[str]) -> tuple[Policy, dict[str, Any]]:

@@ -20,6 +20,7 @@ from asga_jax.data import default_data_config
 from asga_jax.optim.partition import LABELS
 from asga_jax.quant import budget
 from asga_jax.quant.spec import QUANTIZERS
+from asga_jax.train.checkpoints import has_checkpoint
 
 STAGES = ('pretrain', 'search', 'finetune', 'eval')
 SHARPNESS = ('none', 'sam', 'asga', 'saq')
@@ -107,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
       directions (PNG + .npz in <workdir>/<stage>/).
     log_every_steps, checkpoint_every_steps (0: at the end of each epoch),
     keep_checkpoints, eval_every_epochs.
+    nonfinite_patience: a step with a non-finite loss or gradient is skipped
+      (never applied, never saved); more than this many in a row stop the run
+      with an error naming the last good checkpoint (0: stop at the first).
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -159,6 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 0
   config.keep_checkpoints = 2
   config.eval_every_epochs = 1
+  config.nonfinite_patience = 5
   return config
 
 
@@ -307,8 +312,8 @@ def stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_colle
 
 
 def _positive(problems: list[str], name: str, value, *, allow_zero: bool = False) -> None:
-  ok = value >= 0 if allow_zero else value > 0
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok:
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not number or not (value >= 0 if allow_zero else value > 0):
     bound = '>= 0' if allow_zero else '> 0'
     problems.append(f'{name} must be a number {bound}, got {value!r}')
 
@@ -412,6 +417,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not isinstance(config.checkpoint_every_steps, int) or config.checkpoint_every_steps < 0:
     problems.append('checkpoint_every_steps must be an integer >= 0 (0: every epoch), got '
                     f'{config.checkpoint_every_steps!r}')
+  if not isinstance(config.nonfinite_patience, int) or config.nonfinite_patience < 0:
+    problems.append('nonfinite_patience must be an integer >= 0 (0: stop at the first '
+                    f'non-finite step), got {config.nonfinite_patience!r}')
   for stage in ('pretrain', 'search', 'finetune'):
     section = config[stage]
     if stage not in stages:
@@ -425,9 +433,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(section.epochs, (int, float)) and section.warmup_epochs >= section.epochs > 0:
       problems.append(f'{stage}.warmup_epochs ({section.warmup_epochs}) must be smaller than '
                       f'{stage}.epochs ({section.epochs})')
-    if section.init not in ('auto', 'scratch') and not os.path.isdir(section.init):
-      problems.append(f"{stage}.init must be 'auto', 'scratch' or an existing checkpoint "
-                      f'directory, got {section.init!r}')
+    if section.init not in ('auto', 'scratch') and not has_checkpoint(section.init):
+      problems.append(f"{stage}.init must be 'auto', 'scratch' or a directory with "
+                      f'checkpoints (a stage directory such as WORKDIR/pretrain, or its '
+                      f'checkpoints/), got {section.init!r}')
   if 'search' in stages:
     s = config.search
     if s.arch_optimizer not in ARCH_OPTIMIZERS:

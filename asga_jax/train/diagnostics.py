@@ -26,6 +26,7 @@ from asga_jax import data, optim
 from asga_jax.analysis import (filter_normalized_direction, landscape_1d, landscape_2d,
                                plot_landscape_1d, plot_landscape_2d, save_landscape,
                                top_hessian_eigenvalue)
+from asga_jax.files import write_json
 from asga_jax.train import sharding
 from asga_jax.train.config import landscape_kinds
 from asga_jax.train.steps import TrainState, cross_entropy
@@ -134,8 +135,5 @@ class Diagnostics:
     if landscape_kinds(self.settings):
       result['landscapes'] = self.landscapes(state)
     if jax.process_index() == 0:
-      tmp = path + '.tmp'
-      with open(tmp, 'w') as f:
-        json.dump(result, f, indent=2)
-      os.replace(tmp, path)
+      write_json(path, result)
     return result

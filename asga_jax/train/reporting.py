@@ -16,7 +16,7 @@ from clu import metric_writers
 _CONSOLE = (('loss', 'loss', '{:.4f}'), ('accuracy', 'acc', '{:.1%}'), ('gbops', 'GBOPs', '{:.4f}'),
             ('bits_w', 'bits w', '{:.2f}'), ('bits_a', 'a', '{:.2f}'),
             ('rho', 'rho', '{:.3f}'), ('h', 'h', '{:.4f}'), ('sigma_max', 'sigma', '{:.2f}'),
-            ('lr', 'lr', '{:.4g}'))
+            ('lr', 'lr', '{:.4g}'), ('skipped_steps', 'skipped (non-finite)', '{:.0f}'))
 
 
 def _duration(seconds: float) -> str:
@@ -94,8 +94,9 @@ class Reporter:
     logging.info('%-8s eval at step %d: loss %.4f  top-1 %.2f%%  (%d images)', self.stage, step,
                  metrics['loss'], 100 * metrics['accuracy'], metrics['examples'])
 
-  def close(self) -> None:
+  def close(self, completed: bool = True) -> None:
     self._writer.flush()
     self._writer.close()
-    logging.info('%s finished in %s; TensorBoard: %s', self.stage,
+    logging.info('%s %s %s; TensorBoard: %s', self.stage,
+                 'finished in' if completed else 'stopped after',
                  _duration(time.perf_counter() - self._stage_start), self.logdir)

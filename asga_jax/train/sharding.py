@@ -57,7 +57,7 @@ def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 def state_shardings(state: Any, mesh: Mesh, fsdp: bool = False,
                     min_size: int = 2 ** 16) -> Any:
-  """Shardings of a train state: replicated, or FSDP-style split over 'data'.
+  """Shardings of a train state (arrays or shape structs): replicated, or FSDP-style.
 
   With ``fsdp``, every leaf of at least ``min_size`` elements is split along
   its largest axis that the device count divides (kernels, momenta); small
@@ -67,7 +67,7 @@ def state_shardings(state: Any, mesh: Mesh, fsdp: bool = False,
   n = mesh.shape[DATA_AXIS]
 
   def one(x):
-    shape = np.shape(x)
+    shape = tuple(x.shape)
     if not fsdp or n == 1 or int(np.prod(shape)) < min_size:
       return replicated(mesh)
     axes = [a for a in np.argsort(shape)[::-1] if shape[a] % n == 0]
@@ -80,26 +80,19 @@ def state_shardings(state: Any, mesh: Mesh, fsdp: bool = False,
   return jax.tree.map(one, state)
 
 
-def put_state(tree: Any, shardings: Any) -> Any:
-  """Places ``tree`` (the same on every process) with ``shardings`` (a tree or one sharding).
-
-  Each device takes its slice of the host copy, so no process compares its
-  copy with the others' (NaN entries of a fresh optimizer state never would).
-  """
-  if isinstance(shardings, NamedSharding):
-    shardings = jax.tree.map(lambda _: shardings, tree)
-
-  def put(x, sharding):
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding,
-                                        lambda index: np.asarray(host[index]))
-
-  return jax.tree.map(put, tree, shardings)
-
-
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
-  """Copies ``tree`` (e.g. the train state) to every device of the mesh."""
-  return put_state(tree, replicated(mesh))
+  """Copies ``tree`` (the same on every process, e.g. a loaded model) to every device of the mesh.
+
+  Each device takes the host copy, so no process compares its copy with the
+  others' (the NaN entries of a fresh optimizer state never would compare equal).
+  """
+  sharding = replicated(mesh)
+
+  def put(x):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
 
 
 def _cluster_size_from_env() -> int:
@@ -129,6 +122,16 @@ def initialize_distributed(coordinator_address: str | None = None,
                                num_processes=num_processes, process_id=process_id)
   elif _cluster_size_from_env() > 1:
     jax.distributed.initialize()
+
+
+def preemption_reached(step: int) -> bool:
+  """True, on every process at the same ``step``, once any process got a preemption notice.
+
+  JAX's preemption service (multi-process runs) catches SIGTERM on any host and
+  agrees on the step at which all of them save. Call it at every step; with a
+  single process it is always False (see ``loop.stop_on_signals`` there).
+  """
+  return multihost_utils.reached_preemption_sync_point(step)
 
 
 def sync_processes(name: str) -> None:

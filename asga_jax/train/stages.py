@@ -27,6 +27,7 @@ from absl import logging
 
 from asga_jax import data, models, optim
 from asga_jax.analysis.plots import plot_bit_allocation
+from asga_jax.files import atomic_write
 from asga_jax.quant import (LayerCost, Policy, QuantSpec, argmax_policy, budget,
                             collect_layer_costs,
                             format_report, layer_report, load_policy, policy_bops, save_policy,
@@ -81,7 +82,7 @@ def _initial_variables(model: nn.Module, info: data.DatasetInfo, config: ml_coll
   """
   variables = _init_variables(model, info, config.seed)
   source = os.path.join(workdir, 'pretrain') if init == 'auto' else init
-  if init == 'scratch' or (init == 'auto' and not _has_checkpoint(source)):
+  if init == 'scratch' or (init == 'auto' and not checkpoints.has_checkpoint(source)):
     if stage == 'finetune' and init == 'auto':
       logging.warning('finetune: no pretrained model (%s); quantization-aware training starts '
                       'from scratch. Run the pretrain stage or set --config.finetune.init.',
@@ -92,11 +93,6 @@ def _initial_variables(model: nn.Module, info: data.DatasetInfo, config: ml_coll
   merged, report = checkpoints.merge_variables(variables, checkpoints.load_variables(source))
   checkpoints.log_merge_report(source, report)
   return merged
-
-
-def _has_checkpoint(stage_dir: str) -> bool:
-  directory = os.path.join(stage_dir, 'checkpoints')
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def _stage_spec(config, workdir, stage: str, spec: QuantSpec, **extra) -> loop.StageSpec:
@@ -178,7 +174,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
           **budget_meta, **summary}
   if jax.process_index() == 0:
     save_policy(policy, os.path.join(workdir, POLICY_FILE), meta=meta)
-    with open(os.path.join(workdir, 'search', 'report.txt'), 'w') as f:
+    with atomic_write(os.path.join(workdir, 'search', 'report.txt')) as f:
       f.write(table + '\n')
     plot_bit_allocation(rows, os.path.join(workdir, BITS_PLOT), title=(
         f'{config.model.name} on {info.name}, {config.search.sharpness} search'))
@@ -209,7 +205,14 @@ def _searched_policy(section: ml_collections.ConfigDict, params: Any,
                       'final_comp_weight': final_weight}
 
 
-def _load_finetune_policy(config, workdir: str, info: data.DatasetInfo) -> tuple[Policy, dict]:
+def load_finetune_policy(config: ml_collections.ConfigDict, workdir: str,
+                         info: data.DatasetInfo) -> tuple[Policy, dict[str, Any]]:
+  """The finetune stage's policy (config or this workdir's search), checked against the model.
+
+  Raises:
+    FileNotFoundError: no policy file (with what to run or pass).
+    PolicyError: malformed JSON, missing or unknown layers, bits outside the candidates.
+  """
   path = config.finetune.policy or os.path.join(workdir, POLICY_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'finetune needs a policy: {path} does not exist. Run the search '
@@ -223,7 +226,7 @@ def _load_finetune_policy(config, workdir: str, info: data.DatasetInfo) -> tuple
 def run_finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Quantization-aware training with a fixed policy (from any data set/resolution)."""
   info = data.get_info(stage_data_config(config, 'finetune'))
-  policy, meta = _load_finetune_policy(config, workdir, info)
+  policy, meta = load_finetune_policy(config, workdir, info)
   spec = quant_spec(config, 'fixed', policy)
   stage = _stage_spec(config, workdir, 'finetune', spec)
   costs = collect_layer_costs(stage.model, _sample_input(info))
@@ -240,11 +243,11 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data_config = stage_data_config(config, 'finetune')
   info = data.get_info(data_config)
   models_to_eval: dict[str, Callable[[], QuantSpec]] = {}
-  if _has_checkpoint(os.path.join(workdir, 'pretrain')):
+  if checkpoints.has_checkpoint(os.path.join(workdir, 'pretrain')):
     models_to_eval['pretrain'] = lambda: quant_spec(config, 'float')
-  if _has_checkpoint(os.path.join(workdir, 'finetune')):
+  if checkpoints.has_checkpoint(os.path.join(workdir, 'finetune')):
     models_to_eval['finetune'] = lambda: quant_spec(
-        config, 'fixed', _load_finetune_policy(config, workdir, info)[0])
+        config, 'fixed', load_finetune_policy(config, workdir, info)[0])
   if not models_to_eval:
     raise FileNotFoundError(f'eval: no trained model in {workdir}; run the pretrain or '
                             'finetune stage first.')

@@ -29,18 +29,75 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Everything a step changes: step count, parameters, BN statistics, optimizer."""
+  """Everything a step changes: step count, parameters, BN statistics, optimizer.
+
+  ``nonfinite_streak`` counts the latest consecutive steps skipped for a
+  non-finite loss or gradient, ``nonfinite_total`` all skipped steps (None
+  outside training).
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  nonfinite_streak: jax.Array | None = None
+  nonfinite_total: jax.Array | None = None
 
 
 def create_train_state(variables: Mapping[str, Any], tx: optax.GradientTransformation
                        ) -> TrainState:
   params = variables['params']
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  # One zero per counter: a jitted init returning one array in several places would hand the
+  # donating train step the same buffer twice.
+  zero = lambda: jnp.zeros([], jnp.int32)
+  return TrainState(step=zero(), params=params, batch_stats=variables.get('batch_stats', {}),
+                    opt_state=tx.init(params), nonfinite_streak=zero(), nonfinite_total=zero())
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every floating-point entry of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def guard_nonfinite(old: TrainState, new: TrainState, *checked: Any) -> TrainState:
+  """``new``, or ``old`` with the step advanced if anything in ``new`` or ``checked`` is not finite.
+
+  A skipped step consumes its batch (the data position and ``step`` move on)
+  but changes no parameter, statistic or optimizer state, so a NaN batch or a
+  gradient overflow never reaches the state, nor a checkpoint.
+  """
+  ok = all_finite((new.params, new.batch_stats, checked))
+  # A cond choosing between computed values, not an elementwise where: XLA would fuse a where
+  # into the gradient computation and compile a supernet step 10x slower (124 s vs 13 s).
+  params, batch_stats, opt_state = jax.lax.cond(
+      ok, lambda: (new.params, new.batch_stats, new.opt_state),
+      lambda: (old.params, old.batch_stats, old.opt_state))
+  bad = 1 - ok.astype(jnp.int32)
+  return new.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                     nonfinite_streak=(old.nonfinite_streak + bad) * bad,
+                     nonfinite_total=old.nonfinite_total + bad)
+
+
+def init_train_state(variables: Mapping[str, Any], tx: optax.GradientTransformation, mesh: Mesh,
+                     *, fsdp: bool = False, min_size: int = 2 ** 16) -> tuple[TrainState, Any]:
+  """The initial train state, built on ``mesh`` in the layout the train step uses.
+
+  The state's shapes come from ``jax.eval_shape``, its shardings from
+  :func:`sharding.state_shardings`, and one jit with those ``out_shardings``
+  builds it, so each device only ever holds its own slice (FSDP) and every
+  process of a multi-host run gets the same global arrays. ``variables`` must
+  be the same on every process (host arrays or arrays on one local device).
+
+  Returns:
+    (state, its shardings) -- the shardings are :func:`jit_train_step`'s
+    ``state_sharding``.
+  """
+  variables = jax.device_get(variables)  # host copies: valid jit inputs on any mesh
+  create = lambda v: create_train_state(v, tx)
+  shardings = sharding.state_shardings(jax.eval_shape(create, variables), mesh, fsdp=fsdp,
+                                       min_size=min_size)
+  return jax.jit(create, out_shardings=shardings)(variables), shardings
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
@@ -120,7 +177,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     The step function. Metrics: loss (task), accuracy, and for the supernet
     comp_loss, expected GBOPs and mean expected bits of the searched layers
     (bits_w, bits_a), plus rho/h/sigma_max from a sharpness state and
-    lambda (comp_weight) and the argmax policy's GBOPs from a complexity state.
+    lambda (comp_weight) and the argmax policy's GBOPs from a complexity state;
+    nonfinite_streak and skipped_steps (see :func:`guard_nonfinite`).
   """
   task_loss = make_task_loss(model, label_smoothing)
   tx = optax.with_extra_args_support(tx)
@@ -167,11 +225,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     updates, opt_state = tx.update(mean_grads, state.opt_state, state.params, value=value,
                                    grad_fn=grad_fn, task_grads=task_grads,
                                    quantized_grads=qgrads, **phase)
-    new_state = state.replace(step=state.step + 1,
-                              params=optax.apply_updates(state.params, updates),
-                              batch_stats=batch_stats, opt_state=opt_state)
+    new_state = guard_nonfinite(state, state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats, opt_state=opt_state), loss, mean_grads)
     labels = batch['label'].reshape(-1)
     metrics.update(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
+                   nonfinite_streak=new_state.nonfinite_streak,
+                   skipped_steps=new_state.nonfinite_total,
                    **sharpness_stats(opt_state), **complexity_stats(opt_state))
     return new_state, metrics
 

@@ -12,21 +12,17 @@ import ml_collections
 from absl import logging
 
 from asga_jax import data
+from asga_jax.files import write_json
 from asga_jax.train.config import stage_data_config, stage_list, validate_config
-from asga_jax.train.loop import StopRequested
-from asga_jax.train.stages import BITS_PLOT, POLICY_FILE, STAGE_FNS
+from asga_jax.train.loop import StopRequested, stop_on_signals
+from asga_jax.train.stages import BITS_PLOT, POLICY_FILE, STAGE_FNS, load_finetune_policy
 
 RESULTS_FILE = 'results.json'
 CONFIG_FILE = 'config.json'
 
 
 def _write_json(path: str, content: Any) -> None:
-  """Writes JSON atomically: a temporary file in the same directory, then a rename."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(content, f, indent=2, sort_keys=True, default=str)
-    f.write('\n')
-  os.replace(tmp, path)
+  write_json(path, content, sort_keys=True, default=str)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -50,6 +46,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for stage in stages:  # data problems surface now, not after hours of training
     data.get_info(stage_data_config(config, stage if stage != 'eval' else 'finetune'))
   workdir = os.path.abspath(workdir)
+  if 'finetune' in stages and (config.finetune.policy or 'search' not in stages):
+    # The policy exists already: check it against the model before anything trains.
+    load_finetune_policy(config, workdir,
+                         data.get_info(stage_data_config(config, 'finetune')))
   _check_workdir(workdir)
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
@@ -60,14 +60,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if os.path.isfile(results_path):
     with open(results_path) as f:
       results = json.load(f)
-  for stage in stages:
-    try:
-      results[stage] = STAGE_FNS[stage](config, workdir)
-    except StopRequested as stop:
-      logging.warning('%s', stop)
-      return {**results, 'stopped': {'stage': stop.stage, 'step': stop.step}}
-    if jax.process_index() == 0:
-      _write_json(results_path, results)
+  with stop_on_signals():
+    for stage in stages:
+      try:
+        results[stage] = STAGE_FNS[stage](config, workdir)
+      except StopRequested as stop:
+        logging.warning('%s', stop)
+        return {**results, 'stopped': {'stage': stop.stage, 'step': stop.step}}
+      if jax.process_index() == 0:
+        _write_json(results_path, results)
   outputs = [RESULTS_FILE, CONFIG_FILE, POLICY_FILE, BITS_PLOT, 'tensorboard']
   logging.info('done. Outputs in %s:\n  %s', workdir, '\n  '.join(
       os.path.join(workdir, name) for name in outputs if os.path.exists(os.path.join(workdir, name))))
