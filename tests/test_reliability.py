@@ -18,7 +18,7 @@ import pytest
 
 from asga_jax import data
 from asga_jax.quant import PolicyError
-from asga_jax.train import ConfigError, loop, train_and_evaluate
+from asga_jax.train import ConfigError, loop, summary, train_and_evaluate
 from asga_jax.train.checkpoints import CheckpointMismatchError, StageCheckpoints
 from tests.test_train import smoke_config
 
@@ -371,3 +371,14 @@ def test_batch_not_divisible_by_the_device_count(monkeypatch):
   with pytest.raises(ConfigError, match=r'batch_size \(50\) must be a multiple of the device '
                                         r'count \(8\)'):
     train_and_evaluate(smoke_config(), '/tmp/unused')
+
+
+def test_metrics_line_cut_by_a_kill_is_skipped(tmp_path):
+  (tmp_path / 'search').mkdir()
+  (tmp_path / 'search' / 'metrics.jsonl').write_text(
+      '{"kind": "train", "step": 1, "loss": 2.0}\n'
+      '{"kind": "train", "step": 2, "lo'  # killed here; the resumed run appends after it
+      '{"kind": "train", "step": 2, "loss": 1.5}\n'
+      '{"kind": "train", "step": 2, "loss": 1.4}\n\n')
+  assert summary.read_metrics(str(tmp_path), 'search') == [
+      {'kind': 'train', 'step': 1, 'loss': 2.0}, {'kind': 'train', 'step': 2, 'loss': 1.4}]

@@ -37,16 +37,21 @@ class RunSummary:
 
 
 def read_metrics(workdir: str, stage: str) -> list[dict[str, Any]]:
-  """The stage's metrics.jsonl records, one per (kind, step): a resumed run's repeats win."""
+  """The stage's metrics.jsonl records, one per (kind, step): a resumed run's repeats win.
+
+  A line cut short by a killed run (and the line appended after it) is skipped.
+  """
   path = os.path.join(workdir, stage, 'metrics.jsonl')
   if not os.path.isfile(path):
     return []
   records = {}
   with open(path) as f:
     for line in f:
-      if line.strip():
+      try:
         record = json.loads(line)
-        records[(record['kind'], record['step'])] = record
+      except json.JSONDecodeError:
+        continue
+      records[(record['kind'], record['step'])] = record
   return [records[key] for key in sorted(records, key=lambda k: (k[1], k[0]))]
 
 
