@@ -9,6 +9,7 @@ target with one ``os.replace``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -18,9 +19,10 @@ from typing import IO, Any
 PathLike = str | os.PathLike[str]
 
 
+@functools.cache
 def _file_mode() -> int:
   """Permissions of a newly created file under the process umask (mkstemp's are 0o600)."""
-  umask = os.umask(0o022)
+  umask = os.umask(0o022)  # reading the umask means setting it; set it straight back
   os.umask(umask)
   return 0o666 & ~umask
 

@@ -12,6 +12,4 @@ from asga_jax.train.config import proxy_to_target_config
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  return proxy_to_target_config('mobilenetv2', variant, config_name='mobilenetv2_imagenet',
-                                bits=(2, 3, 4, 5, 6),
-                                demo_width=16, smoke_width=8)
+  return proxy_to_target_config('mobilenetv2', variant, bits=(2, 3, 4, 5, 6), smoke_width=8)

@@ -16,4 +16,4 @@ from asga_jax.train.config import cifar_config
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  return cifar_config('resnet18', variant, config_name='resnet18_cifar', smoke_image_size=32)
+  return cifar_config('resnet18', variant, smoke_image_size=32)

@@ -17,4 +17,4 @@ from asga_jax.train.config import cifar_config
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  return cifar_config('resnet20', variant, config_name='resnet20_cifar', smoke_model='resnet8')
+  return cifar_config('resnet20', variant, smoke_model='resnet8')

@@ -12,6 +12,4 @@ from asga_jax.train.config import proxy_to_target_config
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  return proxy_to_target_config('resnet34', variant, config_name='resnet34_imagenet',
-                                bits=(2, 3, 4, 6),
-                                demo_width=16, smoke_width=4)
+  return proxy_to_target_config('resnet34', variant, bits=(2, 3, 4, 6))

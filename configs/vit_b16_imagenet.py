@@ -12,8 +12,7 @@ from asga_jax.train.config import proxy_to_target_config
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  config = proxy_to_target_config('vit_b16', variant, config_name='vit_b16_imagenet',
-                                bits=(2, 3, 4, 6),
-                                quantizer='lsq', lr_scale=0.1, demo_width=64, smoke_width=16)
+  config = proxy_to_target_config('vit_b16', variant, bits=(2, 3, 4, 6), quantizer='lsq',
+                                  lr_scale=0.1, demo_width=64, smoke_width=16)
   config.fsdp = True  # 86M parameters: shard them and the momenta over the devices
   return config

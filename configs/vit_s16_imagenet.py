@@ -12,6 +12,5 @@ from asga_jax.train.config import proxy_to_target_config
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-  return proxy_to_target_config('vit_s16', variant, config_name='vit_s16_imagenet',
-                                bits=(2, 3, 4, 6),
-                                quantizer='lsq', lr_scale=0.1, demo_width=64, smoke_width=16)
+  return proxy_to_target_config('vit_s16', variant, bits=(2, 3, 4, 6), quantizer='lsq',
+                                lr_scale=0.1, demo_width=64, smoke_width=16)

@@ -27,9 +27,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
-from asga_jax.files import atomic_write, save_figure
-
 from asga_jax.analysis.hessian import Mask, gaussian_leaves, mask_leaves
+from asga_jax.files import atomic_write, save_figure
 
 PathLike = str | os.PathLike[str]
 

@@ -35,19 +35,10 @@ class NoReadableCheckpointError(RuntimeError):
 CORRUPT_DIR = 'corrupt_checkpoints'
 
 
-def _path_names(path: tuple[Any, ...]) -> str:
-  """'params/stage1/conv/kernel' for a key path (dict keys, attributes, indices)."""
-  names = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-  return '/'.join(names)
-
-
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {_path_names(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  """{'params/stage1/conv/kernel': shape, ...}: the same keys for a TrainState and its metadata."""
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(x.shape)
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def structure_mismatch(saved: Any, target: Any) -> list[str]:
@@ -122,6 +113,7 @@ class StageCheckpoints:
       CheckpointMismatchError: the checkpoint was written by another model or config.
       NoReadableCheckpointError: no checkpoint read back.
     """
+    abstract = None if target is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     failed = []
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
@@ -135,8 +127,6 @@ class StageCheckpoints:
             f'checkpoint {os.path.join(self.directory, str(step))} was written by a different '
             'model or config:\n  ' + '\n  '.join(problems) + '\nUse a new --workdir for this '
             f'config, or move {self.directory} away to start this stage over.')
-      abstract = (None if target is None
-                  else jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -158,9 +148,9 @@ class StageCheckpoints:
   def _set_aside(self, step: int, error: Exception) -> str:
     """Moves an unreadable checkpoint out of the manager's way (kept for inspection)."""
     source = os.path.join(self.directory, str(step))
+    reason = f'{type(error).__name__}: {str(error).splitlines()[0][:300]}'
     if self.read_only:
-      logging.warning('checkpoint %s does not read back (%s: %s); skipping it', source,
-                      type(error).__name__, str(error).splitlines()[0][:300])
+      logging.warning('checkpoint %s does not read back (%s); skipping it', source, reason)
       return source
     destination = os.path.join(self._corrupt_dir(), f'{step}-{int(time.time())}')
     if jax.process_index() == 0:
@@ -168,9 +158,8 @@ class StageCheckpoints:
       os.replace(source, destination)
     sharding.sync_processes(f'set aside {source}')
     self._manager.reload()
-    logging.warning('checkpoint %s does not read back (%s: %s); moved to %s, trying the one '
-                    'before it', source, type(error).__name__,
-                    str(error).splitlines()[0][:300], destination)
+    logging.warning('checkpoint %s does not read back (%s); moved to %s, trying the one before '
+                    'it', source, reason, destination)
     return source
 
   def wait(self) -> None:
@@ -180,12 +169,16 @@ class StageCheckpoints:
     self._manager.close()
 
 
+def _checkpoint_dir(directory: str) -> str:
+  """A stage directory's ``checkpoints/``, or ``directory`` itself."""
+  inner = os.path.join(directory, 'checkpoints')
+  return inner if os.path.isdir(inner) else directory
+
+
 def has_checkpoint(directory: str) -> bool:
   """Whether ``directory`` (a stage directory or its ``checkpoints/``) holds a checkpoint."""
-  for d in (directory, os.path.join(directory, 'checkpoints')):
-    if os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d)):
-      return True
-  return False
+  directory = _checkpoint_dir(directory)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 def load_variables(directory: str) -> dict[str, Any]:
@@ -197,8 +190,7 @@ def load_variables(directory: str) -> dict[str, Any]:
   Raises:
     FileNotFoundError: no checkpoint there, with the path looked at.
   """
-  if os.path.isdir(os.path.join(directory, 'checkpoints')):
-    directory = os.path.join(directory, 'checkpoints')
+  directory = _checkpoint_dir(directory)
   ckpts = StageCheckpoints(directory, keep=1, read_only=True)
   if ckpts.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {directory!r}; point the stage\'s `init` at a '

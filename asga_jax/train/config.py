@@ -202,7 +202,7 @@ def smoke_variant(config: ml_collections.ConfigDict, *, width: int = 4,
   return config
 
 
-def cifar_config(model: str, variant: str | None, *, config_name: str,
+def cifar_config(model: str, variant: str | None, *,
                  smoke_model: str | None = None, smoke_image_size: int = 16
                  ) -> ml_collections.ConfigDict:
   """A model on CIFAR-10, every stage.
@@ -223,11 +223,10 @@ def cifar_config(model: str, variant: str | None, *, config_name: str,
   if variant == 'smoke':
     config.model.name = smoke_model or model
     return smoke_variant(config, image_size=smoke_image_size)
-  raise unknown_variant(config_name, variant, ('demo', 'smoke', 'folder'))
+  raise unknown_variant(f'{model}_cifar', variant, ('demo', 'smoke', 'folder'))
 
 
-def proxy_to_target_config(model: str, variant: str | None, *, config_name: str,
-                           bits: Sequence[int], quantizer: str = 'clip', lr_scale: float = 1.0,
+def proxy_to_target_config(model: str, variant: str | None, *, bits: Sequence[int], quantizer: str = 'clip', lr_scale: float = 1.0,
                            demo_width: int = 16, smoke_width: int = 4
                            ) -> ml_collections.ConfigDict:
   """A zoo model searched on CIFAR-10 (the proxy, 32 px) and trained on ImageNet (224 px).
@@ -242,7 +241,6 @@ def proxy_to_target_config(model: str, variant: str | None, *, config_name: str,
   Args:
     model: a name in ``asga_jax.models.MODELS``.
     variant: see above.
-    config_name: the config file's name (for error messages).
     bits: searched bit candidates (weights and activations).
     quantizer: 'clip' or 'lsq' (ViTs).
     lr_scale: multiplies the SGD learning rates of every stage.
@@ -287,7 +285,7 @@ def proxy_to_target_config(model: str, variant: str | None, *, config_name: str,
     config.search.data.name = 'cifar10_sample'
     config.search.data.image_size = 32
     return config
-  raise unknown_variant(config_name, variant, ('demo', 'smoke', 'imagenette'))
+  raise unknown_variant(f'{model}_imagenet', variant, ('demo', 'smoke', 'imagenette'))
 
 
 def unknown_variant(name: str, variant: str, choices: Sequence[str]) -> ConfigError:
