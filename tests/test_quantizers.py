@@ -96,6 +96,47 @@ def test_mixture_equals_weighted_sum():
   np.testing.assert_allclose(mixed, manual, atol=1e-6)
 
 
+def _autodiff_quantizer(x, alpha, bits, probs, signed):
+  """The clipping quantizer written with the STE round, differentiated by JAX."""
+  if signed:
+    unit = (jnp.clip(x / alpha, -1.0, 1.0) + 1.0) / 2.0
+  else:
+    unit = jnp.clip(x / alpha, 0.0, 1.0)
+  ste = lambda z: z + jax.lax.stop_gradient(jnp.round(z) - z)
+  mixed = sum(p * ste(unit * (2**b - 1)) / (2**b - 1) for p, b in zip(probs, bits))
+  return alpha * (2.0 * mixed - 1.0) if signed else alpha * mixed
+
+
+@pytest.mark.parametrize('signed', [False, True])
+@pytest.mark.parametrize('bits', [(4,), (2, 3, 4, 6)])
+def test_hand_written_backward_matches_autodiff_of_the_ste(signed, bits):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(0.3, 1.0, size=(4, 5, 6)), jnp.float32)  # some outside the clip
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  logits = jnp.asarray(rng.normal(size=len(bits)), jnp.float32)
+  quantize = q.quantize_signed if signed else q.quantize_unsigned
+
+  def loss(fn, x, alpha, logits):
+    probs = jax.nn.softmax(logits)
+    mixture = fn(x, alpha, bits, probs) if len(bits) > 1 else fn(x, alpha, bits[0], None)
+    return jnp.sum(mixture * cotangent)
+
+  ours_fn = lambda *a: quantize(*a[:3], a[3])
+  ours = jax.grad(loss, argnums=(1, 2, 3))(ours_fn, x, 1.3, logits)
+  reference_fn = lambda x, a, b, p: _autodiff_quantizer(x, a, (b,) if p is None else b,
+                                                        [1.0] if p is None else p, signed)
+  expected = jax.grad(loss, argnums=(1, 2, 3))(reference_fn, x, 1.3, logits)
+  for got, want in zip(ours, expected):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+  if len(bits) == 1:
+    np.testing.assert_array_equal(ours[2], 0.0)  # one bit width: the logits do nothing
+  # Forward-over-reverse (Hessian-vector products, lambda_max) goes through the hand rule too.
+  hvp = lambda fn: jax.jvp(jax.grad(lambda a, l: loss(fn, x, a, l), argnums=(0, 1)),
+                           (1.3, logits), (0.7, jnp.ones_like(logits)))[1]
+  for got, want in zip(hvp(ours_fn), hvp(reference_fn)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
 def test_several_bits_without_probs_is_an_error():
   with pytest.raises(ValueError, match='mixing probabilities'):
     q.quantize_unsigned(jnp.ones(3), 1.0, (2, 4))

@@ -1,0 +1,282 @@
+"""Benchmarks: step times and their ratios, memory, input pipeline, PyTorch reference.
+
+  python -m benchmarks.run                 # ResNet-20 CIFAR, batch 128: the README table
+  python -m benchmarks.run --quick         # a tiny model in a minute (what the test runs)
+  python -m benchmarks.run --model resnet50 --size 224 --batch 64 --dtype bfloat16   # GPU
+  python -m benchmarks.run --groups supernet --no-torch --no-input --dump-hlo /tmp/hlo
+
+Times every step kind of :mod:`benchmarks.step_time` in one process (median of
+``--rounds`` x ``--steps`` timed steps after warm-up, compile time apart), then
+the training input pipeline on the real CIFAR-10 archive
+(:mod:`benchmarks.input_pipeline`) and, when torch is installed
+(``pip install torch==2.13.0``), PyTorch SGD and SAM steps of the same CIFAR
+ResNet on the same batch (:mod:`benchmarks.torch_reference`). Prints Markdown
+tables and writes everything, with the machine, to
+``benchmarks/results/<model>_<size>px_<device>.json`` (``--json`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asga_jax import data, models
+from asga_jax.files import write_json
+from benchmarks import input_pipeline, step_time, torch_reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CIFAR_ARCHIVE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data',
+                                              'cifar10-jpeg.tar.gz'))
+
+# ratio name -> (numerator, denominator, comparison, target). Step ratios are
+# slow / fast (lower is better); 'torch_*' and 'input/step' are speed-ups.
+TARGETS = {
+    'asga/supernet_sgd': ('asga', 'supernet_sgd', '<=', 2.05),
+    'asga/optax_sam': ('asga', 'optax_sam', '<=', 1.03),
+    'saq_et/qat_sgd': ('saq_et', 'qat_sgd', '<=', 1.15),
+    'supernet_sgd/qat_sgd': ('supernet_sgd', 'qat_sgd', '<=', 1.25),
+    'torch_sgd/fp_sgd': ('torch_sgd', 'fp_sgd', '>=', 3.0),
+    'torch_sam/fp_sam': ('torch_sam', 'fp_sam', '>=', 3.0),
+}
+INPUT_TARGET = 5.0  # pipeline images/s over the fastest step's consumption
+# Dense bf16 peak TFLOP/s of known accelerators, for MFU (else --peak-tflops).
+PEAK_TFLOPS = {'NVIDIA H100 80GB HBM3': 989.4, 'NVIDIA H200': 989.4, 'NVIDIA A100-SXM4-80GB': 312.0,
+               'TPU v4': 275.0, 'TPU v5 lite': 197.0, 'TPU v5p': 459.0}
+QUICK = {'model': 'resnet8', 'width': 4, 'size': 8, 'batch': 8, 'rounds': 2, 'steps': 4,
+         'input_batches': 4}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog='\n'.join(__doc__.split('\n')[2:6]))
+  parser.add_argument('--model', default='resnet20', choices=sorted(models.MODELS))
+  parser.add_argument('--width', type=int, default=None, help="the model's width (its default)")
+  parser.add_argument('--size', type=int, default=32,
+                      help='image side; from 64 on, stem models use their ImageNet stem')
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='computation dtype (quantizers stay float32)')
+  parser.add_argument('--groups', default=','.join(step_time.GROUPS),
+                      help=f'comma-separated step groups: {", ".join(step_time.GROUPS)}')
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=8,
+                      help='timed steps per variant and round (a multiple of SAQ-ET tau=4)')
+  parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
+  parser.add_argument('--no-input', action='store_true', help='skip the input pipeline')
+  parser.add_argument('--archive', default=CIFAR_ARCHIVE,
+                      help='image-folder archive for the input pipeline (real CIFAR-10)')
+  parser.add_argument('--input-batches', type=int, default=100)
+  parser.add_argument('--peak-tflops', type=float, default=None,
+                      help="the device's peak TFLOP/s for MFU (known GPUs/TPUs: bf16 dense)")
+  parser.add_argument('--dump-hlo', default=None, help='write each compiled step here')
+  parser.add_argument('--json', default=None, help='results file (default: benchmarks/results/)')
+  parser.add_argument('--quick', action='store_true',
+                      help='tiny model, embedded data sample, few steps (a smoke test)')
+  args = parser.parse_args(argv)
+  if args.quick:
+    for key, value in QUICK.items():
+      setattr(args, key, value)
+    args.archive = None
+  groups = tuple(g for g in args.groups.split(',') if g)
+  unknown = sorted(set(groups) - set(step_time.GROUPS))
+  if unknown or not groups:
+    parser.error(f'--groups: unknown {unknown}; choose from {list(step_time.GROUPS)}.')
+  args.groups = groups
+  if args.rounds * args.steps < 10 and not args.quick:
+    print(f'warning: {args.rounds * args.steps} timed steps per variant; medians of fewer than '
+          '10 are noisy (--rounds x --steps).', file=sys.stderr)
+  if args.steps % 4 and 'qat' in groups:
+    parser.error('--steps must be a multiple of 4, the SAQ-ET period.')
+  return args
+
+
+def _machine() -> dict[str, Any]:
+  cpu = platform.processor()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
+                 cpu)
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return {'device': device.device_kind, 'backend': jax.default_backend(),
+          'device_count': jax.device_count(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'machine': platform.machine(), 'python': platform.python_version(),
+          'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+  kwargs: dict[str, Any] = {'num_classes': 1000 if args.size >= 64 else 10,
+                            'dtype': jnp.dtype(args.dtype)}
+  if args.width is not None:
+    kwargs['width'] = args.width
+  if args.model in models.STEM_MODELS:
+    kwargs['stem'] = 'imagenet' if args.size >= 64 else 'cifar'
+  return kwargs
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """The target ratios whose two sides were measured.
+
+  JAX/JAX ratios are the median of per-round ratios of mean step times; ratios
+  against PyTorch (timed apart) use the two medians.
+  """
+  out = {}
+  for key, (a, b, comparison, target) in TARGETS.items():
+    if a not in results or b not in results:
+      continue
+    if 'round_ms' in results[a] and 'round_ms' in results[b]:
+      value = statistics.median(x / y for x, y in zip(results[a]['round_ms'],
+                                                      results[b]['round_ms']))
+    else:
+      value = results[a]['median_ms'] / results[b]['median_ms']
+    ok = value <= target if comparison == '<=' else value >= target
+    out[key] = {'value': value, 'target': f'{comparison} {target}', 'met': ok}
+  if {'saq', 'saq_et', 'qat_sgd'} <= set(results):
+    # SAQ-ET pays one SAQ step every tau = 4 steps: its ratio cannot go below this.
+    saq = statistics.median(x / y for x, y in zip(results['saq']['round_ms'],
+                                                  results['qat_sgd']['round_ms']))
+    out['saq_et floor'] = {'value': 1 + (saq - 1) / 4, 'target': '1 + (saq/qat_sgd - 1) / 4',
+                           'met': None}
+  return out
+
+
+def _step_table(results: dict[str, dict[str, Any]], batch: int) -> str:
+  mfu = any('mfu' in r for r in results.values())
+  lines = ['| step | ms/step (median) | min-max ms | img/s | compile s | GFLOP | GB accessed '
+           '| XLA memory MB |' + (' MFU |' if mfu else ''),
+           '|---' * (9 if mfu else 8) + '|']
+  for name, r in results.items():
+    xla = (f'{r["compile_s"]:.1f} | {r["gflops"]:.2f} | {r["gbytes_accessed"]:.2f} | '
+           f'{r["xla_memory_mb"]:.0f}') if 'gflops' in r else '- | - | - | -'
+    if mfu:
+      xla += f' | {100 * r["mfu"]:.1f}%' if 'mfu' in r else ' | -'
+    lines.append(f'| {name} | {r["median_ms"]:.1f} | {r["min_ms"]:.0f}-{r["max_ms"]:.0f} | '
+                 f'{batch / r["median_ms"] * 1e3:.0f} | {xla} |')
+  return '\n'.join(lines)
+
+
+def _ratio_table(table: dict[str, dict[str, Any]]) -> str:
+  lines = ['| ratio | value | target | |', '|---|---|---|---|']
+  for key, r in table.items():
+    verdict = '' if r['met'] is None else ('met' if r['met'] else 'MISSED')
+    lines.append(f'| {key} | {r["value"]:.3f} | {r["target"]} | {verdict} |')
+  return '\n'.join(lines)
+
+
+def _input_data_config(args: argparse.Namespace):
+  cfg = data.default_data_config()
+  if args.archive is None:
+    cfg.name = 'cifar10_sample'
+  else:
+    if not os.path.exists(args.archive):
+      raise SystemExit(f'input pipeline: {args.archive} not found; pass --archive PATH to the '
+                       'CIFAR-10 JPEG archive, or --no-input.')
+    cfg.name, cfg.archive = 'folder', os.path.abspath(args.archive)
+  cfg.image_size = args.size
+  return cfg
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  args = parse_args(argv)
+  log = lambda message: print(message, file=sys.stderr, flush=True)
+  machine = _machine()
+  log(f'{args.model} {args.size}px batch {args.batch} {args.dtype} on {machine["device"]} '
+      f'({machine["cpu_count"]} CPUs): groups {", ".join(args.groups)}')
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, args.batch).astype(np.int32)
+  batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
+  pipeline = None
+  if not args.no_input:  # first: a bad archive fails before minutes of timing
+    log('timing the input pipeline')
+    pipeline = input_pipeline.measure(_input_data_config(args), args.batch, args.input_batches)
+  kwargs = _model_kwargs(args)
+  variants = step_time.build_variants(args.model, batch, args.groups, **kwargs)
+  results = step_time.time_variants(variants, batch, rounds=args.rounds,
+                                    steps_per_round=args.steps, log=log)
+  if args.dump_hlo:
+    os.makedirs(args.dump_hlo, exist_ok=True)
+    for name, variant in variants.items():
+      for phase, compiled in variant.compiled.items():
+        suffix = '' if phase is None else f'_{"sharpness" if phase else "reuse"}'
+        with open(os.path.join(args.dump_hlo, f'{name}{suffix}.hlo.txt'), 'w') as f:
+          f.write(compiled.as_text())
+    log(f'wrote the compiled steps to {args.dump_hlo}')
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+  if 'peak_bytes_in_use' in stats:
+    machine['peak_device_memory_mb'] = stats['peak_bytes_in_use'] / 2**20  # over all variants
+  peak = args.peak_tflops or PEAK_TFLOPS.get(machine['device'])
+  if peak and machine['backend'] != 'cpu':
+    for r in results.values():
+      r['mfu'] = r['gflops'] / (r['median_ms'] / 1e3) / (peak * 1e3)
+
+  torch_note = None
+  if args.no_torch:
+    torch_note = 'skipped (--no-torch)'
+  elif not torch_reference.available():
+    torch_note = 'skipped: torch is not installed (pip install torch==2.13.0)'
+  elif not args.model.startswith('resnet') or args.model in models.STEM_MODELS:
+    torch_note = f'skipped: the PyTorch reference is the CIFAR ResNet, not {args.model}'
+  elif args.dtype != 'float32':
+    torch_note = 'skipped: the PyTorch reference runs in float32'
+  else:
+    log('timing the PyTorch reference')
+    fp_model = models.create_model(args.model, **kwargs)
+    shapes = jax.eval_shape(fp_model.init, jax.random.key(0), batch['image'][:1])
+    num_params = sum(x.size for x in jax.tree.leaves(shapes['params']))
+    depth = int(args.model.removeprefix('resnet'))
+    results.update(torch_reference.time_steps(
+        images, labels, depth=depth, width=args.width or 16, num_classes=kwargs['num_classes'],
+        num_params=num_params, warmup=3, steps=args.rounds * args.steps))
+  table = ratios(results)
+
+  if pipeline:
+    consumption = args.batch / (min(r['median_ms'] for r in results.values()
+                                    if 'gflops' in r) / 1e3)  # JAX steps only
+    pipeline['fastest_step_images_per_s'] = consumption
+    value = pipeline['decode']['images_per_s'] / consumption
+    table['input/step'] = {'value': value, 'target': f'>= {INPUT_TARGET}',
+                           'met': value >= INPUT_TARGET}
+
+  print(f'\n{args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}; '
+        f'{machine["device"]} ({machine["cpu"]}, {machine["cpu_count"]} CPUs), jax '
+        f'{machine["jax"]}\n')
+  print(_step_table(results, args.batch))
+  print()
+  print(_ratio_table(table))
+  if pipeline:
+    print(f'\ninput pipeline ({"embedded sample" if args.archive is None else args.archive}): '
+          f'{pipeline["decode"]["images_per_s"]:.0f} img/s decoding'
+          + (f', {pipeline["cached"]["images_per_s"]:.0f} img/s from the cache'
+             if 'cached' in pipeline else '')
+          + f'; the fastest step consumes {pipeline["fastest_step_images_per_s"]:.0f} img/s')
+  if 'peak_device_memory_mb' in machine:
+    print(f'\npeak device memory: {machine["peak_device_memory_mb"]:.0f} MB')
+  if torch_note:
+    print(f'\nPyTorch reference: {torch_note}')
+  report = {'args': {k: v for k, v in vars(args).items()}, 'machine': machine,
+            'results': results, 'ratios': table, 'input_pipeline': pipeline,
+            'torch': torch_note or 'measured'}
+  path = args.json
+  if path is None and not args.quick:
+    device = machine['device'].replace(' ', '_').lower()
+    path = os.path.join(REPO, 'benchmarks', 'results',
+                        f'{args.model}_{args.size}px_{args.dtype}_{device}.json')
+  if path:
+    write_json(path, report)
+    print(f'\nwrote {path}')
+  return report
+
+
+if __name__ == '__main__':
+  main()
