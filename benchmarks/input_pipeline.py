@@ -10,6 +10,7 @@ reported apart from the steady rate.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -50,7 +51,7 @@ def measure(cfg: Any, batch: int, num_batches: int) -> dict[str, dict[str, float
   if (cfg.image_size or 32) >= LARGE_IMAGE_SIZE:  # large images are never cached
     modes = modes[:1]
   for mode, cache in modes:
-    with cfg.unlocked():
-      cfg.cache = cache
-    results[mode] = _rate(cfg, batch, num_batches)
+    mode_cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+    mode_cfg.cache = cache
+    results[mode] = _rate(mode_cfg, batch, num_batches)
   return results

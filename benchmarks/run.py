@@ -124,27 +124,25 @@ def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
   return kwargs
 
 
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-  """The target ratios whose two sides were measured.
+def _step_ratio(results: dict[str, dict[str, Any]], a: str, b: str) -> float:
+  """a / b: the median of per-round ratios, or of the two medians for PyTorch (timed apart)."""
+  if 'round_ms' in results[a] and 'round_ms' in results[b]:
+    return statistics.median(x / y for x, y in zip(results[a]['round_ms'],
+                                                   results[b]['round_ms']))
+  return results[a]['median_ms'] / results[b]['median_ms']
 
-  JAX/JAX ratios are the median of per-round ratios of mean step times; ratios
-  against PyTorch (timed apart) use the two medians.
-  """
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """The target ratios whose two sides were measured, and SAQ-ET's floor."""
   out = {}
   for key, (a, b, comparison, target) in TARGETS.items():
-    if a not in results or b not in results:
-      continue
-    if 'round_ms' in results[a] and 'round_ms' in results[b]:
-      value = statistics.median(x / y for x, y in zip(results[a]['round_ms'],
-                                                      results[b]['round_ms']))
-    else:
-      value = results[a]['median_ms'] / results[b]['median_ms']
-    ok = value <= target if comparison == '<=' else value >= target
-    out[key] = {'value': value, 'target': f'{comparison} {target}', 'met': ok}
+    if a in results and b in results:
+      value = _step_ratio(results, a, b)
+      ok = value <= target if comparison == '<=' else value >= target
+      out[key] = {'value': value, 'target': f'{comparison} {target}', 'met': ok}
   if {'saq', 'saq_et', 'qat_sgd'} <= set(results):
     # SAQ-ET pays one SAQ step every tau = 4 steps: its ratio cannot go below this.
-    saq = statistics.median(x / y for x, y in zip(results['saq']['round_ms'],
-                                                  results['qat_sgd']['round_ms']))
+    saq = _step_ratio(results, 'saq', 'qat_sgd')
     out['saq_et floor'] = {'value': 1 + (saq - 1) / 4, 'target': '1 + (saq/qat_sgd - 1) / 4',
                            'met': None}
   return out
@@ -186,6 +184,30 @@ def _input_data_config(args: argparse.Namespace):
   return cfg
 
 
+def _torch_reference(args: argparse.Namespace, kwargs: dict[str, Any],
+                     batch: dict[str, jax.Array], results: dict[str, dict[str, Any]],
+                     log: Any) -> str | None:
+  """Adds the PyTorch rows to ``results``; returns why they were skipped, or None."""
+  if args.no_torch:
+    return 'skipped (--no-torch)'
+  if not torch_reference.available():
+    return 'skipped: torch is not installed (pip install torch==2.13.0)'
+  if not args.model.startswith('resnet') or args.model in models.STEM_MODELS:
+    return f'skipped: the PyTorch reference is the CIFAR ResNet, not {args.model}'
+  if args.dtype != 'float32':
+    return 'skipped: the PyTorch reference runs in float32'
+  log('timing the PyTorch reference')
+  shapes = jax.eval_shape(models.create_model(args.model, **kwargs).init, jax.random.key(0),
+                          batch['image'][:1])
+  results.update(torch_reference.time_steps(
+      np.asarray(batch['image']), np.asarray(batch['label']),
+      depth=int(args.model.removeprefix('resnet')), width=args.width or 16,
+      num_classes=kwargs['num_classes'],
+      num_params=sum(x.size for x in jax.tree.leaves(shapes['params'])),
+      warmup=3, steps=args.rounds * args.steps))
+  return None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   log = lambda message: print(message, file=sys.stderr, flush=True)
@@ -193,9 +215,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   log(f'{args.model} {args.size}px batch {args.batch} {args.dtype} on {machine["device"]} '
       f'({machine["cpu_count"]} CPUs): groups {", ".join(args.groups)}')
   rng = np.random.default_rng(0)
-  images = rng.normal(size=(args.batch, args.size, args.size, 3)).astype(np.float32)
-  labels = rng.integers(0, 10, args.batch).astype(np.int32)
-  batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
+  batch = {'image': jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, 3)),
+                                jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
   pipeline = None
   if not args.no_input:  # first: a bad archive fails before minutes of timing
     log('timing the input pipeline')
@@ -220,24 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in results.values():
       r['mfu'] = r['gflops'] / (r['median_ms'] / 1e3) / (peak * 1e3)
 
-  torch_note = None
-  if args.no_torch:
-    torch_note = 'skipped (--no-torch)'
-  elif not torch_reference.available():
-    torch_note = 'skipped: torch is not installed (pip install torch==2.13.0)'
-  elif not args.model.startswith('resnet') or args.model in models.STEM_MODELS:
-    torch_note = f'skipped: the PyTorch reference is the CIFAR ResNet, not {args.model}'
-  elif args.dtype != 'float32':
-    torch_note = 'skipped: the PyTorch reference runs in float32'
-  else:
-    log('timing the PyTorch reference')
-    fp_model = models.create_model(args.model, **kwargs)
-    shapes = jax.eval_shape(fp_model.init, jax.random.key(0), batch['image'][:1])
-    num_params = sum(x.size for x in jax.tree.leaves(shapes['params']))
-    depth = int(args.model.removeprefix('resnet'))
-    results.update(torch_reference.time_steps(
-        images, labels, depth=depth, width=args.width or 16, num_classes=kwargs['num_classes'],
-        num_params=num_params, warmup=3, steps=args.rounds * args.steps))
+  torch_note = _torch_reference(args, kwargs, batch, results, log)
   table = ratios(results)
 
   if pipeline:
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f'\npeak device memory: {machine["peak_device_memory_mb"]:.0f} MB')
   if torch_note:
     print(f'\nPyTorch reference: {torch_note}')
-  report = {'args': {k: v for k, v in vars(args).items()}, 'machine': machine,
+  report = {'args': dict(vars(args)), 'machine': machine,
             'results': results, 'ratios': table, 'input_pipeline': pipeline,
             'torch': torch_note or 'measured'}
   path = args.json

@@ -60,15 +60,15 @@ def _rounded(unit: jax.Array, bits: int) -> jax.Array:
   return round_ste(unit * _levels(bits)) / _levels(bits)
 
 
-def _mix_rounded(unit: jax.Array, bits: tuple[int, ...], probs: jax.Array | None) -> jax.Array:
-  """sum_j probs_j * D(unit, 1/(2**b_j - 1)) for ``unit`` in [0, 1]."""
+def _mix(rounded: list[jax.Array], probs: jax.Array | None) -> jax.Array:
+  """sum_j probs_j * rounded_j (the one tensor when there are no probabilities)."""
   if probs is None:
-    if len(bits) != 1:
-      raise ValueError(f'{len(bits)} bit widths need mixing probabilities.')
-    return _rounded(unit, bits[0])
-  out = jnp.zeros_like(unit)
-  for j, b in enumerate(bits):
-    out = out + probs[j].astype(unit.dtype) * _rounded(unit, b)
+    if len(rounded) != 1:
+      raise ValueError(f'{len(rounded)} bit widths need mixing probabilities.')
+    return rounded[0]
+  out = jnp.zeros_like(rounded[0])
+  for p, r in zip(probs, rounded):
+    out = out + p.astype(r.dtype) * r
   return out
 
 
@@ -89,7 +89,7 @@ def _clip_unit(x: jax.Array, alpha: jax.Array, signed: bool) -> tuple[jax.Array,
 def _clip_quantize_value(x: jax.Array, alpha: jax.Array, probs: jax.Array | None,
                          bits: tuple[int, ...], signed: bool) -> jax.Array:
   _, unit = _clip_unit(x, alpha, signed)
-  mixed = _mix_rounded(unit, bits, probs)
+  mixed = _mix([_rounded(unit, b) for b in bits], probs)
   return alpha * (2.0 * mixed - 1.0) if signed else alpha * mixed
 
 
@@ -129,9 +129,10 @@ def _clip_quantize_bwd(bits, signed, residuals, g):
   # library, which cannot fuse the elementwise producers and runs 2.3x longer.
   # The STE rounding here too keeps second derivatives (Hessian-vector
   # products through this rule) equal to autodiff's of the STE quantizer.
-  terms = [g * (s * _mix_rounded(unit, bits, probs) - o), jnp.where(inside, g * t, 0.0)]
+  rounded = [_rounded(unit, b) for b in bits]
+  terms = [g * (s * _mix(rounded, probs) - o), jnp.where(inside, g * t, 0.0)]
   if probs is not None:  # dQ/dp_j = alpha * s * D_j(u)
-    terms += [g * _rounded(unit, b) for b in bits]
+    terms += [g * r for r in rounded]
   sums = _sum_all(*terms)
   dalpha = jnp.reshape(sums[0] - total * sums[1], jnp.shape(alpha)).astype(alpha.dtype)
   dprobs = None if probs is None else (alpha * s * jnp.stack(sums[2:])).astype(probs.dtype)
