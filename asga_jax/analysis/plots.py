@@ -38,9 +38,9 @@ def plot_bit_allocation(rows: Sequence[LayerReport], path: str | os.PathLike[str
   ax.set_xlabel('layer')
   top = max(int(w.max()), int(a.max()))
   ax.set_yticks(range(0, top + 1, 1 if top <= 8 else 4))
-  ax.set_ylim(0, top + 1)
+  ax.set_ylim(0, 1.3 * top + 1)  # headroom: the legend sits above the tallest bars
   ax.grid(axis='y', alpha=0.3)
-  ax.legend(loc='upper right')
+  ax.legend(loc='upper center', ncols=2)
   gbops = sum(r.bops_argmax for r in rows) / 1e9
   ax.set_title(f'{title} ({gbops:.3f} GBOPs)')
   save_figure(fig, path, dpi=120)
