@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from asga_jax import train
+from asga_jax import cpu_flags, train
 from asga_jax.train import sharding
 
 FLAGS = flags.FLAGS
@@ -42,6 +42,7 @@ class _OwnInfoFilter(pylogging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cpu_flags.apply()  # before anything creates JAX's backends
   handler = logging.get_absl_handler()
   handler.setFormatter(pylogging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
   handler.addFilter(_OwnInfoFilter())

@@ -9,9 +9,9 @@ Times every step kind of :mod:`benchmarks.step_time` in one process (median of
 ``--rounds`` x ``--steps`` timed steps after warm-up, compile time apart), then
 the training input pipeline on the real CIFAR-10 archive
 (:mod:`benchmarks.input_pipeline`) and, when torch is installed
-(``pip install torch==2.13.0``), PyTorch SGD and SAM steps of the same CIFAR
-ResNet on the same batch (:mod:`benchmarks.torch_reference`). Prints Markdown
-tables and writes everything, with the machine, to
+(``pip install torch==2.13.0``), the PyTorch steps of the same CIFAR ResNet
+(full precision, QAT, supernet) on the same batch (:mod:`benchmarks.torch_reference`).
+Prints Markdown tables and writes everything, with the machine, to
 ``benchmarks/results/<model>_<size>px_<device>.json`` (``--json`` to change).
 """
 
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asga_jax import data, models
+from asga_jax import cpu_flags, data, models
 from asga_jax.files import write_json
 from benchmarks import input_pipeline, step_time, torch_reference
 
@@ -37,14 +37,18 @@ CIFAR_ARCHIVE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data',
                                               'cifar10-jpeg.tar.gz'))
 
 # ratio name -> (numerator, denominator, comparison, target). Step ratios are
-# slow / fast (lower is better); 'torch_*' and 'input/step' are speed-ups.
+# slow / fast (lower is better); 'input/step' is a speed-up.
 TARGETS = {
     'asga/supernet_sgd': ('asga', 'supernet_sgd', '<=', 2.05),
     'asga/optax_sam': ('asga', 'optax_sam', '<=', 1.03),
     'saq_et/qat_sgd': ('saq_et', 'qat_sgd', '<=', 1.15),
     'supernet_sgd/qat_sgd': ('supernet_sgd', 'qat_sgd', '<=', 1.25),
-    'torch_sgd/fp_sgd': ('torch_sgd', 'fp_sgd', '>=', 3.0),
-    'torch_sam/fp_sam': ('torch_sam', 'fp_sam', '>=', 3.0),
+    # JAX over the PyTorch reference of the same network, step and batch.
+    'fp_sgd/torch_sgd': ('fp_sgd', 'torch_sgd', '<=', 1.5),
+    'fp_sam/torch_sam': ('fp_sam', 'torch_sam', '<=', 1.5),
+    'qat_sgd/torch_qat_sgd': ('qat_sgd', 'torch_qat_sgd', '<=', 1.5),
+    'supernet_sgd/torch_supernet_sgd': ('supernet_sgd', 'torch_supernet_sgd', '<=', 1.0),
+    'asga/torch_asga': ('asga', 'torch_asga', '<=', 1.0),
 }
 INPUT_TARGET = 5.0  # pipeline images/s over the fastest step's consumption
 # Dense bf16 peak TFLOP/s of known accelerators, for MFU (else --peak-tflops).
@@ -185,8 +189,8 @@ def _input_data_config(args: argparse.Namespace):
 
 
 def _torch_reference(args: argparse.Namespace, kwargs: dict[str, Any],
-                     batch: dict[str, jax.Array], results: dict[str, dict[str, Any]],
-                     log: Any) -> str | None:
+                     batch: dict[str, jax.Array], variants: dict[str, step_time.Variant],
+                     results: dict[str, dict[str, Any]], log: Any) -> str | None:
   """Adds the PyTorch rows to ``results``; returns why they were skipped, or None."""
   if args.no_torch:
     return 'skipped (--no-torch)'
@@ -197,20 +201,21 @@ def _torch_reference(args: argparse.Namespace, kwargs: dict[str, Any],
   if args.dtype != 'float32':
     return 'skipped: the PyTorch reference runs in float32'
   log('timing the PyTorch reference')
-  shapes = jax.eval_shape(models.create_model(args.model, **kwargs).init, jax.random.key(0),
-                          batch['image'][:1])
+  first = {'fp': 'fp_sgd', 'qat': 'qat_sgd', 'supernet': 'supernet_sgd'}
+  num_params = {group: sum(x.size for x in jax.tree.leaves(variants[name].variables['params']))
+                for group, name in first.items() if name in variants}
   results.update(torch_reference.time_steps(
       np.asarray(batch['image']), np.asarray(batch['label']),
       depth=int(args.model.removeprefix('resnet')), width=args.width or 16,
-      num_classes=kwargs['num_classes'],
-      num_params=sum(x.size for x in jax.tree.leaves(shapes['params'])),
-      warmup=3, steps=args.rounds * args.steps))
+      num_classes=kwargs['num_classes'], num_params=num_params, groups=args.groups,
+      bits=models.DEFAULT_BITS[args.model], warmup=3, steps=args.rounds * args.steps))
   return None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   log = lambda message: print(message, file=sys.stderr, flush=True)
+  cpu_flags.apply()  # the program's CPU defaults, before JAX creates its backends
   machine = _machine()
   log(f'{args.model} {args.size}px batch {args.batch} {args.dtype} on {machine["device"]} '
       f'({machine["cpu_count"]} CPUs): groups {", ".join(args.groups)}')
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in results.values():
       r['mfu'] = r['gflops'] / (r['median_ms'] / 1e3) / (peak * 1e3)
 
-  torch_note = _torch_reference(args, kwargs, batch, results, log)
+  torch_note = _torch_reference(args, kwargs, batch, variants, results, log)
   table = ratios(results)
 
   if pipeline:
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   print(f'\n{args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}; '
         f'{machine["device"]} ({machine["cpu"]}, {machine["cpu_count"]} CPUs), jax '
-        f'{machine["jax"]}\n')
+        f'{machine["jax"]}; XLA_FLAGS: {machine["xla_flags"] or "(none)"}\n')
   print(_step_table(results, args.batch))
   print()
   print(_ratio_table(table))
