@@ -14,6 +14,8 @@
 #   PRETRAIN_EPOCHS [30]  SEARCH_EPOCHS [10]  FINETUNE_EPOCHS [15]
 #   PROXY    training images the searches see (class-balanced subset) [10000]
 #   TARGET   BOPs target of both searches [3MP: uniform 3-bit BOPs]
+#   METHODS  searches to run [edmips asga_fixed asga]; asga_fixed is ASGA with rho held at
+#            rho0 (the paper's Figure 4 ablation of the adaptive radius)
 #
 # Interrupted? Run the same command again: each stage resumes from its last checkpoint and
 # finished stages are skipped. Each method's search and finetuning start from the same
@@ -30,6 +32,7 @@ SEARCH_EPOCHS=${SEARCH_EPOCHS:-10}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-15}
 PROXY=${PROXY:-10000}
 TARGET=${TARGET:-3MP}
+METHODS=${METHODS:-edmips asga_fixed asga}
 
 if [[ "${SMOKE:-0}" == 1 ]]; then
   # The embedded 1,000-image sample, ResNet-8 at 16 px, one epoch per stage.
@@ -56,12 +59,16 @@ for seed in $SEEDS; do
   base="$RUNS/seed$seed"
   run "$base/pretrain" --config.seed="$seed" --config.stages=pretrain \
     --config.pretrain.epochs="$PRETRAIN_EPOCHS"
-  for method in edmips asga; do
-    if [[ $method == asga ]]; then
-      sharpness=(--config.search.sharpness=asga)
-    else  # plain EdMIPS; the probe measures h and sigma_max at ASGA's rho0 without using them
-      sharpness=(--config.search.sharpness=none --config.search.probe_rho=0.1)
-    fi
+  workdirs=()
+  for method in $METHODS; do
+    case $method in
+      edmips)  # plain EdMIPS; the probe measures h and sigma_max at ASGA's rho0, unused
+        sharpness=(--config.search.sharpness=none --config.search.probe_rho=0.1) ;;
+      asga) sharpness=(--config.search.sharpness=asga) ;;
+      asga_fixed) sharpness=(--config.search.sharpness=asga --config.search.asga.adaptive=false) ;;
+      *) echo "error: unknown method $method (edmips, asga, asga_fixed)" >&2; exit 2 ;;
+    esac
+    workdirs+=("$base/$method")
     run "$base/$method" --config.seed="$seed" --config.stages=search,finetune,eval \
       --config.search.init="$base/pretrain/pretrain" \
       --config.finetune.init="$base/pretrain/pretrain" \
@@ -69,7 +76,7 @@ for seed in $SEEDS; do
       --config.search.epochs="$SEARCH_EPOCHS" --config.finetune.epochs="$FINETUNE_EPOCHS" \
       "${sharpness[@]}"
   done
-  python -m asga_jax.compare "$base/edmips" "$base/asga" --labels=EdMIPS,ASGA \
-    --json="$RESULTS/table3_seed$seed.json" | tee "$RESULTS/table3_seed$seed.md"
+  python -m asga_jax.compare "${workdirs[@]}" --json="$RESULTS/table3_seed$seed.json" \
+    | tee "$RESULTS/table3_seed$seed.md"
 done
 python -m experiments.plot_results --runs="$RUNS" --out="$RESULTS" $SEEDS

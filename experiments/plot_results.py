@@ -3,11 +3,11 @@
   python -m experiments.plot_results --runs ~/asga_runs/cifar10_asga_vs_edmips \
       --out experiments/results 0 1
 
-Reads <runs>/seed<N>/{edmips,asga}/ (results.json, <stage>/metrics.jsonl,
-<stage>/landscape_1d.npz, bits.png) and writes into --out:
-  search_curves_seed<N>.png     per-epoch loss, h, sigma_max and test accuracy of both searches
-  finetune_curves_seed<N>.png   per-epoch test accuracy of both finetunings
-  landscape_<stage>_seed<N>.png the 1-D landscapes of both runs after search and finetuning
+Reads <runs>/seed<N>/<method>/ for the methods that ran (edmips, asga_fixed, asga):
+results.json, <stage>/metrics.jsonl, <stage>/landscape_1d.npz, bits.png. Writes into --out:
+  search_curves_seed<N>.png     per-epoch loss, h, sigma_max and test accuracy of the searches
+  finetune_curves_seed<N>.png   per-epoch train loss and test accuracy of the finetunings
+  landscape_<stage>_seed<N>.png the 1-D landscapes of the runs after search and finetuning
   bits_<method>_seed<N>.png     each searched policy's bit allocation
   summary.json                  per seed and method: accuracies, GBOPs, mean bits,
                                 average h and sigma_max, lambda_max, epochs to converge
@@ -33,7 +33,7 @@ from asga_jax.analysis import plot_landscape_1d  # noqa: E402
 from asga_jax.files import save_figure, write_json  # noqa: E402
 from asga_jax.train.summary import read_metrics, summarize_run  # noqa: E402
 
-METHODS = {'edmips': 'EdMIPS', 'asga': 'ASGA'}
+METHODS = {'edmips': 'EdMIPS', 'asga_fixed': 'ASGA, fixed rho', 'asga': 'ASGA'}
 
 
 def per_epoch(records: list[dict[str, Any]], kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +93,10 @@ def main() -> None:
   summary = {}
   for seed in args.seeds:
     base = os.path.join(os.path.expanduser(args.runs), f'seed{seed}')
-    runs = {m: os.path.join(base, m) for m in METHODS}
+    runs = {m: os.path.join(base, m) for m in METHODS
+            if os.path.isfile(os.path.join(base, m, 'results.json'))}
+    if not runs:
+      raise SystemExit(f'{base}: no finished run of {", ".join(METHODS)}.')
     plot_curves(runs, 'search',
                 [('train', 'loss', 'train loss'), ('train', 'h', 'surrogate gap h'),
                  ('train', 'sigma_max', 'sigma_max ~ 2h / rho^2'),

@@ -28,7 +28,7 @@ def task_grad_np(w, z):
   return gw, gz
 
 
-def asga_reference(steps, *, rho0, rho_max, phi, mu, epsilon, lr, momentum):
+def asga_reference(steps, *, rho0, rho_max, phi, mu, epsilon, lr, momentum, adaptive=True):
   """The update rule written out with numpy, step by step."""
   w, z = np.array([2.0, 1.0, -1.0]), np.array([0.5, -0.5])
   mw, mz = np.zeros(3), np.zeros(2)
@@ -44,7 +44,7 @@ def asga_reference(steps, *, rho0, rho_max, phi, mu, epsilon, lr, momentum):
     sigma = 2 * h / rho**2
     if phi is None and h > 0:
       phi = rho0 * np.log1p(h)
-    if phi is not None:
+    if phi is not None and adaptive:
       rho = min(rho_max, phi / np.log1p(h)) if h > 0 else rho_max
     mw, mz = momentum * mw + fw, momentum * mz + fz
     w, z = w - lr * mw, z - lr * mz
@@ -86,6 +86,16 @@ def test_matches_numpy_reference_with_rho_adaptation(phi):
   ours, ref = run_asga(8, **hp), asga_reference(8, **hp)
   rhos = [r[2] for r in ref]
   assert len(set(np.round(rhos, 6))) > 3, 'rho must actually adapt in this test'
+  for t, (mine, theirs) in enumerate(zip(ours, ref)):
+    for a, b in zip(mine, theirs):
+      np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-6, err_msg=f'step {t}')
+
+
+def test_fixed_radius_matches_numpy_reference():
+  hp = dict(rho0=0.1, rho_max=0.4, phi=None, mu=0.05, epsilon=0.1, lr=0.05, momentum=0.9,
+            adaptive=False)
+  ours, ref = run_asga(6, **hp), asga_reference(6, **hp)
+  assert all(r[2] == 0.1 for r in ref) and all(float(o[2]) == pytest.approx(0.1) for o in ours)
   for t, (mine, theirs) in enumerate(zip(ours, ref)):
     for a, b in zip(mine, theirs):
       np.testing.assert_allclose(np.asarray(a), b, rtol=2e-5, atol=1e-6, err_msg=f'step {t}')

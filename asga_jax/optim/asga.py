@@ -17,9 +17,12 @@ sigma_max ~ 2 h / rho^2 is kept in the state for logging.
 Choices the paper leaves open (documented defaults):
 
 * ``phi=None`` calibrates phi = rho0 * ln(1 + h_1) at the first step with a
-  positive gap, so rho starts at rho0 and grows as the landscape flattens
-  (h shrinks), exactly the behaviour appendix A.3 asks for, at any loss scale.
-  A fixed phi makes rho oscillate when h is proportional to rho.
+  positive gap, so rho starts at rho0 at any loss scale; phi is then fixed.
+  While h is roughly proportional to rho (h ~ rho ||g|| for small radii), the
+  rule answers a large radius with a small one: rho alternates from step to
+  step, with rho_t * rho_{t+1} ~ phi / ||g||. Its geometric mean grows as the
+  landscape flattens (h shrinks), the behaviour appendix A.3 describes.
+* ``adaptive=False`` holds rho at rho0 (the paper's fixed-radius ablation).
 * ``rho_max=0.5`` (five times rho0) bounds the radius.
 * ``mu=0.01``: the alignment term evaluates the perturbed loss one plain SGD
   step (at the paper's search learning rate 0.01) ahead.
@@ -87,8 +90,8 @@ def next_rho(rho: jax.Array, phi: jax.Array, h: jax.Array, *, rho0: float,
 
 
 def asga_gradient(*, rho0: float = 0.1, rho_max: float = 0.5, phi: float | None = None,
-                  mu: float = 0.01, epsilon: float = 0.1, perturb_mask: Mask | None = None
-                  ) -> optax.GradientTransformationExtraArgs:
+                  mu: float = 0.01, epsilon: float = 0.1, perturb_mask: Mask | None = None,
+                  adaptive: bool = True) -> optax.GradientTransformationExtraArgs:
   """Replaces the gradient with the ASGA gradient (chain it before an optimizer).
 
   Call its ``update`` with keyword arguments ``value`` (the task loss L(t)),
@@ -110,6 +113,8 @@ def asga_gradient(*, rho0: float = 0.1, rho_max: float = 0.5, phi: float | None 
       a function of params returning one. Default: the network weights
       (``partition.label_mask('weights')``). Every leaf still receives
       epsilon * grad L(t_adv), architecture logits included.
+    adaptive: False keeps rho = rho0 at every step (the fixed-radius ablation
+      of the paper's Figure 4); h and sigma_max are still measured.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -136,8 +141,10 @@ def asga_gradient(*, rho0: float = 0.1, rho_max: float = 0.5, phi: float | None 
                                     value, grad_fn)
     if epsilon:
       updates = jax.tree.map(lambda u, a: u + epsilon * a.astype(u.dtype), updates, adv_grads)
-    rho, new_phi = next_rho(state.rho, state.phi, h, rho0=rho0, rho_max=rho_max,
-                            calibrate=phi is None)
+    rho, new_phi = state.rho, state.phi
+    if adaptive:
+      rho, new_phi = next_rho(state.rho, state.phi, h, rho0=rho0, rho_max=rho_max,
+                              calibrate=phi is None)
     return updates, ASGAState(count=optax.safe_increment(state.count), rho=rho, phi=new_phi,
                               h=h, sigma_max=2.0 * h / jnp.square(state.rho))
 
@@ -146,7 +153,7 @@ def asga_gradient(*, rho0: float = 0.1, rho_max: float = 0.5, phi: float | None 
 
 def asga(base_optimizer: optax.GradientTransformation, *, rho0: float = 0.1,
          rho_max: float = 0.5, phi: float | None = None, mu: float = 0.01,
-         epsilon: float = 0.1, perturb_mask: Mask | None = None
+         epsilon: float = 0.1, perturb_mask: Mask | None = None, adaptive: bool = True
          ) -> optax.GradientTransformationExtraArgs:
   """ASGA around a base optimizer: ``optax.chain(asga_gradient(...), base)``.
 
@@ -171,11 +178,12 @@ def asga(base_optimizer: optax.GradientTransformation, *, rho0: float = 0.1,
 
   Args:
     base_optimizer: the optimizer that applies the ASGA gradient.
-    rho0, rho_max, phi, mu, epsilon, perturb_mask: see :func:`asga_gradient`.
+    rho0, rho_max, phi, mu, epsilon, perturb_mask, adaptive: see :func:`asga_gradient`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
   return optax.chain(asga_gradient(rho0=rho0, rho_max=rho_max, phi=phi, mu=mu,
-                                   epsilon=epsilon, perturb_mask=perturb_mask),
+                                   epsilon=epsilon, perturb_mask=perturb_mask,
+                                   adaptive=adaptive),
                      base_optimizer)

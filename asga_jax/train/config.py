@@ -38,7 +38,7 @@ def _sharpness_sections() -> dict[str, ml_collections.ConfigDict]:
       'sam': ml_collections.ConfigDict({'rho': 0.05, 'perturb': 'weights'}),
       'asga': ml_collections.ConfigDict({
           'rho0': 0.1, 'rho_max': 0.5, 'phi': config_dict.placeholder(float), 'mu': 0.01,
-          'epsilon': 0.1, 'perturb': 'weights'}),
+          'epsilon': 0.1, 'adaptive': True, 'perturb': 'weights'}),
       'saq': ml_collections.ConfigDict({
           'rho': 0.5, 'case': 3, 'perturb': 'weights,norm', 'vanilla_loss': True, 'tau': 1,
           'beta': 0.7}),
@@ -82,7 +82,8 @@ def default_config() -> ml_collections.ConfigDict:
     pretrain: full-precision training (the initialization of finetuning).
     Every training stage (pretrain, search, finetune) has ``sharpness``:
       'none', 'sam', 'asga' or 'saq', with the sections ``sam`` (rho),
-      ``asga`` (rho0, rho_max, phi, mu, epsilon), ``saq`` (rho, case, tau,
+      ``asga`` (rho0, rho_max, phi, mu, epsilon,
+      adaptive: False keeps rho at rho0), ``saq`` (rho, case, tau,
       beta, vanilla_loss); each has ``perturb``, the parameter labels that
       move ('weights', 'norm', 'quant', 'arch'); ``m_sharpness`` (> 0:
       perturb per sub-batch of that size); ``probe_rho`` (> 0 with sharpness

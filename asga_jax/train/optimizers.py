@@ -52,7 +52,7 @@ def sharpness_transform(section: ml_collections.ConfigDict
     return optim.sam_gradient(rho=hp.rho, perturb_mask=mask)
   if kind == 'asga':
     return optim.asga_gradient(rho0=hp.rho0, rho_max=hp.rho_max, phi=hp.phi, mu=hp.mu,
-                               epsilon=hp.epsilon, perturb_mask=mask)
+                               epsilon=hp.epsilon, perturb_mask=mask, adaptive=hp.adaptive)
   return optim.saq_gradient(rho=hp.rho, case=hp.case, perturb_mask=mask,
                             vanilla_loss=hp.vanilla_loss, tau=hp.tau, beta=hp.beta)
 
