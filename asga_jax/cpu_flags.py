@@ -47,8 +47,8 @@ def apply(environ: MutableMapping[str, str] | None = None) -> list[str]:
   if environ.get(OPT_OUT, '1') == '0':
     return []
   current = environ.get('XLA_FLAGS', '')
-  added = [f'--{name}={value}' for name, value in CPU_FLAGS.items()
-           if name not in _names(current)]
+  present = _names(current)
+  added = [f'--{name}={value}' for name, value in CPU_FLAGS.items() if name not in present]
   if added:
     environ['XLA_FLAGS'] = ' '.join(filter(None, [current, *added]))
     if environ is os.environ and _backends_initialized():

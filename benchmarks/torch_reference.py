@@ -160,11 +160,15 @@ def _sgd_step(model, optimizer, loss_fn, images, labels, penalty=None) -> None:
   optimizer.step()
 
 
+def _layers(model) -> list[Any]:
+  """The conv and linear layers (all quantized in the QAT and supernet networks)."""
+  from torch import nn
+  return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def _weights(model) -> list[Any]:
   """The perturbed leaves: conv and linear weights and biases (the 'weights' label)."""
-  from torch import nn
-  return [p for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-          for p in (m.weight, m.bias) if p is not None]
+  return [p for m in _layers(model) for p in (m.weight, m.bias) if p is not None]
 
 
 def _two_pass_step(model, optimizer, loss_fn, images, labels, scale: Callable[[Any], Any],
@@ -229,10 +233,9 @@ class _ASGA:
 
 
 def _kinds(groups: Sequence[str], depth: int, width: int, num_classes: int, x, y,
-           bits: Sequence[int], rho: float) -> dict[str, tuple[Any, Callable[[], None]]]:
-  """name -> (model, step) of the PyTorch step kinds that mirror ``groups``."""
+           bits: Sequence[int], rho: float) -> dict[str, tuple[str, Any, Callable[[], None]]]:
+  """name -> (group, model, step) of the PyTorch step kinds that mirror ``groups``."""
   import torch
-  from torch import nn
   loss_fn = torch.nn.CrossEntropyLoss()
 
   def build(layer_bits):
@@ -244,24 +247,23 @@ def _kinds(groups: Sequence[str], depth: int, width: int, num_classes: int, x, y
       model(x[:1])  # records each layer's MACs
     return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-  def penalty_of(model):
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    return lambda: _complexity_loss(layers)
-
   kinds = {}
   if 'fp' in groups:
     model, opt = build(None)
-    kinds['torch_sgd'] = model, lambda: _sgd_step(model, opt, loss_fn, x, y)
-    kinds['torch_sam'] = model, lambda: _sam_step(model, opt, loss_fn, x, y, rho)
+    kinds['torch_sgd'] = 'fp', model, lambda: _sgd_step(model, opt, loss_fn, x, y)
+    kinds['torch_sam'] = 'fp', model, lambda: _sam_step(model, opt, loss_fn, x, y, rho)
   if 'qat' in groups:
     qat, qat_opt = build((QAT_BITS,))
-    kinds['torch_qat_sgd'] = qat, lambda: _sgd_step(qat, qat_opt, loss_fn, x, y)
+    kinds['torch_qat_sgd'] = 'qat', qat, lambda: _sgd_step(qat, qat_opt, loss_fn, x, y)
   if 'supernet' in groups:
     net, net_opt = build(bits)
     asga = _ASGA()
-    kinds['torch_supernet_sgd'] = net, lambda: _sgd_step(net, net_opt, loss_fn, x, y,
-                                                         penalty_of(net))
-    kinds['torch_asga'] = net, lambda: asga.step(net, net_opt, loss_fn, x, y, penalty_of(net))
+    layers = _layers(net)
+    penalty = lambda: _complexity_loss(layers)
+    kinds['torch_supernet_sgd'] = ('supernet', net,
+                                   lambda: _sgd_step(net, net_opt, loss_fn, x, y, penalty))
+    kinds['torch_asga'] = ('supernet', net,
+                           lambda: asga.step(net, net_opt, loss_fn, x, y, penalty))
   return kinds
 
 
@@ -293,13 +295,11 @@ def time_steps(images: np.ndarray, labels: np.ndarray, *, depth: int, width: int
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).contiguous(
       memory_format=torch.channels_last)
   y = torch.from_numpy(labels.astype(np.int64))
-  kinds = _kinds(groups, depth, width, num_classes, x, y, bits, rho)
-  group_of = {'torch_sgd': 'fp', 'torch_sam': 'fp', 'torch_qat_sgd': 'qat',
-              'torch_supernet_sgd': 'supernet', 'torch_asga': 'supernet'}
   results = {}
-  for name, (model, step) in kinds.items():
+  for name, (group, model, step) in _kinds(groups, depth, width, num_classes, x, y, bits,
+                                           rho).items():
     count = sum(p.numel() for p in model.parameters())
-    expected = num_params[group_of[name]]
+    expected = num_params[group]
     if count != expected:
       raise RuntimeError(f'{name}: the PyTorch ResNet-{depth} has {count} parameters, the JAX '
                          f'one {expected}: the reference no longer matches the model.')

@@ -34,6 +34,7 @@ from asga_jax.files import save_figure, write_json  # noqa: E402
 from asga_jax.train.summary import read_metrics, summarize_run  # noqa: E402
 
 METHODS = {'edmips': 'EdMIPS', 'asga_fixed': 'ASGA, fixed rho', 'asga': 'ASGA'}
+STAGES = ('search', 'finetune')
 
 
 def per_epoch(records: list[dict[str, Any]], kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -54,13 +55,14 @@ def epochs_to_converge(records: list[dict[str, Any]], fraction: float = 0.99) ->
   return float(epochs[np.argmax(acc >= fraction * acc.max())])
 
 
-def plot_curves(runs: dict[str, str], stage: str, panels: list[tuple[str, str, str]],
+def plot_curves(records: dict[str, list[dict[str, Any]]], panels: list[tuple[str, str, str]],
                 path: str, title: str) -> None:
+  """One panel per (kind, key, label), one curve per method of ``records`` (method -> records)."""
   fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8),
                            layout='constrained', squeeze=False)
   for ax, (kind, key, label) in zip(axes[0], panels):
-    for method, workdir in runs.items():
-      epochs, values = per_epoch(read_metrics(workdir, stage), kind, key)
+    for method, method_records in records.items():
+      epochs, values = per_epoch(method_records, kind, key)
       if len(values):
         ax.plot(epochs, 100 * values if key == 'accuracy' else values, marker='.',
                 label=METHODS[method])
@@ -72,15 +74,17 @@ def plot_curves(runs: dict[str, str], stage: str, panels: list[tuple[str, str, s
   plt.close(fig)
 
 
-def summarize(method: str, workdir: str) -> dict[str, Any]:
+def summarize(method: str, workdir: str, records: dict[str, list[dict[str, Any]]]
+              ) -> dict[str, Any]:
+  """The run's Table-3 figures, its policy and epochs to convergence (records: stage -> records)."""
   run = summarize_run(workdir, METHODS[method])
   with open(os.path.join(workdir, 'policy.json')) as f:
     policy = json.load(f)
   return {'sigma_max_avg': run.sigma_max_avg, 'h_avg': run.h_avg, 'lambda_max': run.lambda_max,
           'search_top1': run.search_top1, 'finetune_top1': run.finetune_top1,
           'gbops': run.gbops, 'policy': policy,
-          'search_epochs_to_converge': epochs_to_converge(read_metrics(workdir, 'search')),
-          'finetune_epochs_to_converge': epochs_to_converge(read_metrics(workdir, 'finetune'))}
+          'search_epochs_to_converge': epochs_to_converge(records['search']),
+          'finetune_epochs_to_converge': epochs_to_converge(records['finetune'])}
 
 
 def main() -> None:
@@ -97,17 +101,18 @@ def main() -> None:
             if os.path.isfile(os.path.join(base, m, 'results.json'))}
     if not runs:
       raise SystemExit(f'{base}: no finished run of {", ".join(METHODS)}.')
-    plot_curves(runs, 'search',
+    records = {m: {stage: read_metrics(w, stage) for stage in STAGES} for m, w in runs.items()}
+    plot_curves({m: r['search'] for m, r in records.items()},
                 [('train', 'loss', 'train loss'), ('train', 'h', 'surrogate gap h'),
                  ('train', 'sigma_max', 'sigma_max ~ 2h / rho^2'),
                  ('eval', 'accuracy', 'test top-1 (%)')],
                 os.path.join(args.out, f'search_curves_seed{seed}.png'),
                 f'Search on the proxy subset, seed {seed} (epoch means)')
-    plot_curves(runs, 'finetune', [('train', 'loss', 'train loss'),
-                                   ('eval', 'accuracy', 'test top-1 (%)')],
+    plot_curves({m: r['finetune'] for m, r in records.items()},
+                [('train', 'loss', 'train loss'), ('eval', 'accuracy', 'test top-1 (%)')],
                 os.path.join(args.out, f'finetune_curves_seed{seed}.png'),
                 f'Finetuning each policy on CIFAR-10, seed {seed}')
-    for stage in ('search', 'finetune'):
+    for stage in STAGES:
       curves = {}
       for method, workdir in runs.items():
         path = os.path.join(workdir, stage, 'landscape_1d.npz')
@@ -120,7 +125,7 @@ def main() -> None:
     for method, workdir in runs.items():
       shutil.copyfile(os.path.join(workdir, 'bits.png'),
                       os.path.join(args.out, f'bits_{method}_seed{seed}.png'))
-    summary[f'seed{seed}'] = {m: summarize(m, w) for m, w in runs.items()}
+    summary[f'seed{seed}'] = {m: summarize(m, w, records[m]) for m, w in runs.items()}
   write_json(os.path.join(args.out, 'summary.json'), summary)
   print('| seed | method | finetune top-1 | search top-1 | GBOPs | avg sigma_max | lambda_max |'
         ' finetune epochs to 99% of best |\n|---|---|---|---|---|---|---|---|')
