@@ -14,3 +14,10 @@ and :mod:`asga_jax.data`.
 from asga_jax import models, optim, quant
 
 __version__ = '0.1.0'
+
+__all__ = [
+    '__version__',
+    'models',
+    'optim',
+    'quant',
+]

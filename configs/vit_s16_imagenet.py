@@ -1,6 +1,8 @@
-r"""ViT-S/16 (LSQ quantizer): (2, 3, 4, 6)-bit search on CIFAR-10 toward 3MP, QAT on ImageNet at 224 px.
+r"""ViT-S/16 (LSQ quantizer): (2, 3, 4, 6)-bit search on CIFAR-10 toward 3MP,
+QAT on ImageNet at 224 px.
 
-  python -m asga_jax.main --config configs/vit_s16_imagenet.py:demo --workdir /tmp/vit_s16_demo
+  python -m asga_jax.main --config configs/vit_s16_imagenet.py:demo \
+      --workdir /tmp/vit_s16_demo
   python -m asga_jax.model_summary --config configs/vit_s16_imagenet.py --num_classes=1000
 
 Variants and stages: see asga_jax.train.config.proxy_to_target_config.

@@ -2,8 +2,8 @@
 
 Prints one JSON object: for each check, the largest relative difference of
 parameters (and BatchNorm statistics): data-parallel steps on 8 devices (state
-replicated, or FSDP-sharded) against one-device steps, m-sharpness against the global ascent, and a checkpoint saved
-from 8 devices against its restores onto meshes of 1 and 4 devices.
+replicated, or FSDP-sharded) against one-device steps, m-sharpness against the global
+ascent, and a checkpoint saved from 8 devices against its restores onto meshes of 1 and 4 devices.
 """
 
 import json

@@ -1,4 +1,5 @@
-"""Run by test_sharding.py as two processes on localhost: python -m tests.multihost_script PID PORT OUT.
+"""Run by test_sharding.py as two processes on localhost:
+python -m tests.multihost_script PID PORT OUT.
 
 Each process joins through jax.distributed over the loopback address, feeds
 its half of a global batch, takes three data-parallel ASGA search steps and

@@ -79,7 +79,8 @@ def test_complexity_penalty_matches_numpy_reference():
 
 def test_fit_moves_the_least_certain_layer_first():
   # a: 6/6 (barely preferred over 4), b: 6/6 (strongly preferred): 25% over 3MP+.
-  params = {'a': {'w_logits': jnp.array([0., 0., 1.9, 2.]), 'a_logits': jnp.array([0., 0., 0., 2.])},
+  params = {'a': {'w_logits': jnp.array([0., 0., 1.9, 2.]),
+                  'a_logits': jnp.array([0., 0., 0., 2.])},
             'b': {'w_logits': jnp.array([0., 0., 0., 9.]), 'a_logits': jnp.array([0., 0., 0., 9.])}}
   target = EDGE + 1000 * 24 + 4000 * 36
   fit = quant.fit_policy_to_budget(params, COSTS, target, tolerance=0.01)

@@ -10,7 +10,8 @@ import pytest
 from asga_jax import models, optim
 from asga_jax.quant import (Policy, QuantConv, QuantDense, QuantSpec, argmax_policy,
                             collect_layer_costs, complexity_loss, expected_bits, format_report,
-                            layer_report, mean_expected_bits, policy_bops, reference_bops, total_bops)
+                            layer_report, mean_expected_bits, policy_bops, reference_bops,
+                            total_bops)
 
 
 class TwoLayer(nn.Module):
@@ -34,7 +35,8 @@ def test_two_layer_net_against_hand_arithmetic():
   assert costs['conv'].num_weights == 27 * 8 and costs['fc'].num_weights == 90
   assert costs['dw'].out_shape == (4, 4, 8) and costs['conv'].in_shape == (8, 8, 3)
 
-  params = flax.core.unfreeze(jax.jit(model.init)(jax.random.key(0, impl='rbg'), jnp.zeros((1, 8, 8, 3))))
+  params = flax.core.unfreeze(
+      jax.jit(model.init)(jax.random.key(0, impl='rbg'), jnp.zeros((1, 8, 8, 3))))
   params = params['params']
   params['conv']['w_logits'] = jnp.array([0.0, np.log(3.0)])  # p = (.25, .75): E[bw] = 3.5
   params['conv']['a_logits'] = jnp.array([0.0, 0.0])           # E[ba] = 5
@@ -80,7 +82,8 @@ def test_fixed_and_edge_bits_in_costs():
                                                   jnp.zeros((1, 32, 32, 3)))}
   assert costs['stem_conv'].w_bits == (8,) and not costs['stem_conv'].searchable
   assert costs['head'].a_bits == (8,) and not costs['head'].searchable
-  assert costs['stage1/block0/conv1'].w_bits == (2, 3, 4, 6) and costs['stage1/block0/conv1'].searchable
+  conv1 = costs['stage1/block0/conv1']
+  assert conv1.w_bits == (2, 3, 4, 6) and conv1.searchable
   assert sum(c.searchable for c in costs.values()) == 20  # 18 convs + 2 shortcuts
 
 

@@ -14,7 +14,8 @@ from asga_jax.quant.complexity import searchable_layers
 
 
 def test_json_round_trip(tmp_path):
-  policy = Policy.from_dict({'stage1/block0/conv1': (4, 3), 'stage2/block0/shortcut': {'w': 2, 'a': 6}})
+  policy = Policy.from_dict({'stage1/block0/conv1': (4, 3),
+                             'stage2/block0/shortcut': {'w': 2, 'a': 6}})
   save_policy(policy, tmp_path / 'policy.json', meta={'gbops': 1.25})
   loaded, meta = load_policy(tmp_path / 'policy.json')
   assert loaded == policy and hash(loaded) == hash(policy)
@@ -68,6 +69,8 @@ def test_validate_lists_every_problem():
   with pytest.raises(PolicyError) as err:
     validate_policy(policy, searchable)
   msg = str(err.value)
-  for part in ("unknown layers (not in the model): ['extra']", "missing layers (the model has them): ['l3']",
-               'l1: weight bits 3 not in candidates [2, 4]', 'l2: activation bits 8 not in candidates'):
+  for part in ("unknown layers (not in the model): ['extra']",
+               "missing layers (the model has them): ['l3']",
+               'l1: weight bits 3 not in candidates [2, 4]',
+               'l2: activation bits 8 not in candidates'):
     assert part in msg

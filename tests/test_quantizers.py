@@ -158,7 +158,8 @@ def test_lsq_unsigned_and_init():
   x = jnp.array([0.0, 0.4, 0.9, 5.0])
   # 2-bit unsigned: [0, 3]; x/0.3 = [0, 1.33, 3, 16.7] -> [0, 1, 3, 3].
   np.testing.assert_allclose(q.quantize_lsq(x, 0.3, 2, signed=False), [0, .3, .9, .9], atol=1e-6)
-  np.testing.assert_allclose(q.lsq_init_step(x, 2, signed=False), 2 * np.mean(np.abs(x)) / np.sqrt(3))
+  np.testing.assert_allclose(q.lsq_init_step(x, 2, signed=False),
+                             2 * np.mean(np.abs(x)) / np.sqrt(3))
 
 
 def test_full_precision_markers():

@@ -59,7 +59,8 @@ def test_all_stages_write_their_outputs(pipeline_run):
     records = [json.loads(l) for l in (workdir / stage / 'metrics.jsonl').read_text().splitlines()]
     assert {r['kind'] for r in records} == {'train', 'eval'}
     assert records[-1]['step'] == 20
-  search_log = [json.loads(l) for l in (workdir / 'search' / 'metrics.jsonl').read_text().splitlines()]
+  search_log = [json.loads(line) for line in
+                (workdir / 'search' / 'metrics.jsonl').read_text().splitlines()]
   assert all(r['sigma_max'] == r['sigma_max'] for r in search_log if r['kind'] == 'train')
   assert 0.0 <= saved['eval']['finetune']['accuracy'] <= 1.0
   assert (workdir / 'bits.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -96,7 +97,8 @@ def test_rerun_resumes_completed_stages_without_training(pipeline_run, caplog):
 
 
 def _raw_state(workdir, stage, step):
-  manager = ocp.CheckpointManager(str(workdir / stage / 'checkpoints'), item_names=('state', 'meta'))
+  manager = ocp.CheckpointManager(str(workdir / stage / 'checkpoints'),
+                                  item_names=('state', 'meta'))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                            meta=ocp.args.JsonRestore()))
   manager.close()

@@ -45,3 +45,30 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; available: {sorted(MODELS)}.')
   return MODELS[name](**kwargs)
+
+
+__all__ = [
+    'batch_norm',
+    'create_model',
+    'DEFAULT_BITS',
+    'MobileNetV2',
+    'mobilenetv2',
+    'MODELS',
+    'ResNet',
+    'resnet18',
+    'resnet20',
+    'resnet32',
+    'resnet34',
+    'resnet50',
+    'resnet56',
+    'resnet8',
+    'resnet_cifar',
+    'Stem',
+    'STEM_MODELS',
+    'STEMS',
+    'VGG',
+    'vgg16',
+    'ViT',
+    'vit_b16',
+    'vit_s16',
+]

@@ -193,7 +193,8 @@ def policy_bops(policy: Policy, costs: Sequence[LayerCost]) -> float:
   return sum(layer_bops(c, *policy_layer_bits(policy, c)) for c in costs)
 
 
-def searchable_layers(costs: Sequence[LayerCost]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+def searchable_layers(costs: Sequence[LayerCost]
+                      ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
   """{path: (weight candidates, activation candidates)} of searched layers."""
   return {c.path: (c.w_bits, c.a_bits) for c in costs if c.searchable}
 

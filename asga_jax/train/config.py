@@ -158,7 +158,8 @@ def default_config() -> ml_collections.ConfigDict:
       'landscape': '',                # '1d', '2d' or '1d,2d': plots at the end of each stage
       'landscape_points': 21,         # 1-D resolution
       'landscape_grid': 11,           # 2-D resolution (grid x grid evaluations)
-      'landscape_span': 1.0,          # coefficients in [-span, span] of filter-normalized directions
+      'landscape_span': 1.0,          # coefficients in [-span, span] of the filter-normalized
+                                      # directions
   })
   config.log_every_steps = 50
   config.checkpoint_every_steps = 0
@@ -227,7 +228,8 @@ def cifar_config(model: str, variant: str | None, *,
   raise unknown_variant(f'{model}_cifar', variant, ('demo', 'smoke', 'folder'))
 
 
-def proxy_to_target_config(model: str, variant: str | None, *, bits: Sequence[int], quantizer: str = 'clip', lr_scale: float = 1.0,
+def proxy_to_target_config(model: str, variant: str | None, *, bits: Sequence[int],
+                           quantizer: str = 'clip', lr_scale: float = 1.0,
                            demo_width: int = 16, smoke_width: int = 4
                            ) -> ml_collections.ConfigDict:
   """A zoo model searched on CIFAR-10 (the proxy, 32 px) and trained on ImageNet (224 px).

@@ -68,8 +68,10 @@ class Diagnostics:
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module,
                data_config: ml_collections.ConfigDict, stage_dir: str, stage: str):
-    self.settings, self.model, self.stage_dir, self.stage = config.diagnostics, model, stage_dir, stage
-    self.seed, self._data_config, self._batch_size = config.seed, data_config, config.eval_batch_size
+    self.settings, self.model = config.diagnostics, model
+    self.stage_dir, self.stage = stage_dir, stage
+    self.seed, self._data_config = config.seed, data_config
+    self._batch_size = config.eval_batch_size
     self._batches = None
     self._lambda_max: tuple[int, float] | None = None  # (step, value) of the last measurement
 

@@ -69,7 +69,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {**results, 'stopped': {'stage': stop.stage, 'step': stop.step}}
       if jax.process_index() == 0:
         _write_json(results_path, results)
-  outputs = [RESULTS_FILE, CONFIG_FILE, POLICY_FILE, BITS_PLOT, 'tensorboard']
-  logging.info('done. Outputs in %s:\n  %s', workdir, '\n  '.join(
-      os.path.join(workdir, name) for name in outputs if os.path.exists(os.path.join(workdir, name))))
+  outputs = [os.path.join(workdir, name)
+             for name in (RESULTS_FILE, CONFIG_FILE, POLICY_FILE, BITS_PLOT, 'tensorboard')]
+  logging.info('done. Outputs in %s:\n  %s', workdir,
+               '\n  '.join(path for path in outputs if os.path.exists(path)))
   return results
