@@ -82,7 +82,8 @@ def summarize(method: str, workdir: str, records: dict[str, list[dict[str, Any]]
     policy = json.load(f)
   return {'sigma_max_avg': run.sigma_max_avg, 'h_avg': run.h_avg, 'lambda_max': run.lambda_max,
           'search_top1': run.search_top1, 'finetune_top1': run.finetune_top1,
-          'gbops': run.gbops, 'policy': policy,
+          'gbops': run.gbops, 'mean_w_bits': run.mean_w_bits, 'mean_a_bits': run.mean_a_bits,
+          'policy': policy,
           'search_epochs_to_converge': epochs_to_converge(records['search']),
           'finetune_epochs_to_converge': epochs_to_converge(records['finetune'])}
 
@@ -127,12 +128,13 @@ def main() -> None:
                       os.path.join(args.out, f'bits_{method}_seed{seed}.png'))
     summary[f'seed{seed}'] = {m: summarize(m, w, records[m]) for m, w in runs.items()}
   write_json(os.path.join(args.out, 'summary.json'), summary)
-  print('| seed | method | finetune top-1 | search top-1 | GBOPs | avg sigma_max | lambda_max |'
-        ' finetune epochs to 99% of best |\n|---|---|---|---|---|---|---|---|')
+  print('| seed | method | finetune top-1 | search top-1 | GBOPs | mean bits w/a | avg sigma_max |'
+        ' lambda_max | finetune epochs to 99% of best |\n|---|---|---|---|---|---|---|---|---|')
   for seed, methods in summary.items():
     for method, r in methods.items():
       print(f'| {seed} | {METHODS[method]} | {100 * r["finetune_top1"]:.2f} | '
-            f'{100 * r["search_top1"]:.2f} | {r["gbops"]:.4f} | {r["sigma_max_avg"]:.2f} | '
+            f'{100 * r["search_top1"]:.2f} | {r["gbops"]:.4f} | '
+            f'{r["mean_w_bits"]:.2f}/{r["mean_a_bits"]:.2f} | {r["sigma_max_avg"]:.2f} | '
             f'{r["lambda_max"]:.2f} | {r["finetune_epochs_to_converge"]:.0f} |')
 
 

@@ -228,6 +228,8 @@ def test_table3_summary_of_asga_and_probed_edmips_runs(pipeline_run, tmp_path, c
   assert runs[0].sharpness == 'none' and runs[1].sharpness == 'asga'
   assert runs[0].sigma_max_avg == runs[0].sigma_max_avg  # measured by the probe
   assert runs[1].lambda_max > 0 and runs[0].lambda_max != runs[0].lambda_max  # not measured
+  assert runs[1].mean_w_bits == json.loads((workdir / 'results.json').read_text())['search'][
+      'mean_w_bits'] and 2 <= runs[1].mean_a_bits <= 6
   table = format_table(runs)
   assert table.splitlines()[2].startswith('| EdMIPS | none |')
   assert table.splitlines()[4].startswith('| ASGA - EdMIPS |')

@@ -24,6 +24,8 @@ class RunSummary:
     lambda_max: top Hessian eigenvalue at the end of the search (NaN if not measured).
     search_top1, finetune_top1: eval accuracy at the end of those stages.
     gbops: BOPs of the searched policy (at the search resolution).
+    mean_w_bits, mean_a_bits: the searched policy's weight and activation bits,
+      averaged over its searched layers (the 8-bit first and last layers excluded).
   """
   label: str
   workdir: str
@@ -34,6 +36,8 @@ class RunSummary:
   search_top1: float
   finetune_top1: float
   gbops: float
+  mean_w_bits: float
+  mean_a_bits: float
 
 
 def read_metrics(workdir: str, stage: str) -> list[dict[str, Any]]:
@@ -87,19 +91,21 @@ def summarize_run(workdir: str, label: str | None = None) -> RunSummary:
       sigma_max_avg=_mean(records, 'sigma_max'), h_avg=_mean(records, 'h'),
       lambda_max=search.get('lambda_max', nan), search_top1=search.get('accuracy', nan),
       finetune_top1=results.get('eval', {}).get('finetune', finetune).get('accuracy', nan),
-      gbops=search.get('gbops', nan))
+      gbops=search.get('gbops', nan), mean_w_bits=search.get('mean_w_bits', nan),
+      mean_a_bits=search.get('mean_a_bits', nan))
 
 
 def format_table(runs: Sequence[RunSummary]) -> str:
   """A Markdown table, one row per run, then the change of the last row against the first."""
   fmt = lambda x, spec: 'n/a' if not math.isfinite(x) else format(x, spec)
   lines = ['| run | search sharpness | avg sigma_max | avg h | lambda_max | search top-1 | '
-           'finetune top-1 | GBOPs |', '|---|---|---|---|---|---|---|---|']
+           'finetune top-1 | GBOPs | mean bits w/a |', '|---|---|---|---|---|---|---|---|---|']
   for r in runs:
     lines.append(f'| {r.label} | {r.sharpness} | {fmt(r.sigma_max_avg, ".2f")} | '
                  f'{fmt(r.h_avg, ".4f")} | {fmt(r.lambda_max, ".2f")} | '
                  f'{fmt(100 * r.search_top1, ".2f")} | {fmt(100 * r.finetune_top1, ".2f")} | '
-                 f'{fmt(r.gbops, ".4f")} |')
+                 f'{fmt(r.gbops, ".4f")} | '
+                 f'{fmt(r.mean_w_bits, ".2f")}/{fmt(r.mean_a_bits, ".2f")} |')
   if len(runs) >= 2:
     a, b = runs[0], runs[-1]
     delta = lambda x, y, scale=1.0: fmt(scale * (y - x), '+.2f')
@@ -107,7 +113,8 @@ def format_table(runs: Sequence[RunSummary]) -> str:
                  f'{fmt(b.h_avg - a.h_avg, "+.4f")} | {delta(a.lambda_max, b.lambda_max)} | '
                  f'{delta(a.search_top1, b.search_top1, 100)} | '
                  f'{delta(a.finetune_top1, b.finetune_top1, 100)} | '
-                 f'{fmt(b.gbops - a.gbops, "+.4f")} |')
+                 f'{fmt(b.gbops - a.gbops, "+.4f")} | {delta(a.mean_w_bits, b.mean_w_bits)}/'
+                 f'{delta(a.mean_a_bits, b.mean_a_bits)} |')
   notes = [r.label for r in runs if not math.isfinite(r.sigma_max_avg)]
   if notes:
     lines.append(f'\n{", ".join(notes)}: no sigma_max was measured during the search; rerun '
