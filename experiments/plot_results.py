@@ -10,7 +10,8 @@ results.json, <stage>/metrics.jsonl, <stage>/landscape_1d.npz, bits.png. Writes 
   landscape_<stage>_seed<N>.png the 1-D landscapes of the runs after search and finetuning
   bits_<method>_seed<N>.png     each searched policy's bit allocation
   summary.json                  per seed and method: accuracies, GBOPs, mean bits,
-                                average h and sigma_max, lambda_max, epochs to converge
+                                average h and sigma_max, lambda_max after search and
+                                finetuning, epochs to converge
 """
 
 from __future__ import annotations
@@ -80,7 +81,10 @@ def summarize(method: str, workdir: str, records: dict[str, list[dict[str, Any]]
   run = summarize_run(workdir, METHODS[method])
   with open(os.path.join(workdir, 'policy.json')) as f:
     policy = json.load(f)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    finetune_lambda_max = json.load(f).get('finetune', {}).get('lambda_max', math.nan)
   return {'sigma_max_avg': run.sigma_max_avg, 'h_avg': run.h_avg, 'lambda_max': run.lambda_max,
+          'finetune_lambda_max': finetune_lambda_max,
           'search_top1': run.search_top1, 'finetune_top1': run.finetune_top1,
           'gbops': run.gbops, 'mean_w_bits': run.mean_w_bits, 'mean_a_bits': run.mean_a_bits,
           'policy': policy,
@@ -129,13 +133,15 @@ def main() -> None:
     summary[f'seed{seed}'] = {m: summarize(m, w, records[m]) for m, w in runs.items()}
   write_json(os.path.join(args.out, 'summary.json'), summary)
   print('| seed | method | finetune top-1 | search top-1 | GBOPs | mean bits w/a | avg sigma_max |'
-        ' lambda_max | finetune epochs to 99% of best |\n|---|---|---|---|---|---|---|---|---|')
+        ' lambda_max after search / finetune | epochs to 99% of best: search / finetune |\n'
+        '|---|---|---|---|---|---|---|---|---|')
   for seed, methods in summary.items():
     for method, r in methods.items():
       print(f'| {seed} | {METHODS[method]} | {100 * r["finetune_top1"]:.2f} | '
             f'{100 * r["search_top1"]:.2f} | {r["gbops"]:.4f} | '
             f'{r["mean_w_bits"]:.2f}/{r["mean_a_bits"]:.2f} | {r["sigma_max_avg"]:.2f} | '
-            f'{r["lambda_max"]:.2f} | {r["finetune_epochs_to_converge"]:.0f} |')
+            f'{r["lambda_max"]:.1f} / {r["finetune_lambda_max"]:.1f} | '
+            f'{r["search_epochs_to_converge"]:.0f} / {r["finetune_epochs_to_converge"]:.0f} |')
 
 
 if __name__ == '__main__':

@@ -47,7 +47,7 @@ def _write_run(workdir, *, sharpness, sigma, final_acc):
   (workdir / 'results.json').write_text(json.dumps({
       'search': {'accuracy': 0.7, 'gbops': 0.5, 'lambda_max': 10 * sigma, 'mean_w_bits': 3.0,
                  'mean_a_bits': 2.0},
-      'finetune': {'accuracy': final_acc},
+      'finetune': {'accuracy': final_acc, 'lambda_max': 5 * sigma},
       'eval': {'finetune': {'accuracy': final_acc}}}))
   Image.new('RGB', (8, 8)).save(workdir / 'bits.png')
 
@@ -63,11 +63,13 @@ def test_summary_and_plots_of_two_methods(tmp_path, monkeypatch, capsys):
   asga = summary['asga']
   assert asga['sigma_max_avg'] == pytest.approx(22.0)  # mean of 21, 22, 23
   assert asga['h_avg'] == pytest.approx(0.2)
-  assert asga['lambda_max'] == 200.0 and asga['finetune_top1'] == 0.89
+  assert asga['lambda_max'] == 200.0 and asga['finetune_lambda_max'] == 100.0
+  assert asga['finetune_top1'] == 0.89
   assert (asga['mean_w_bits'], asga['mean_a_bits']) == (3.0, 2.0)
   assert asga['finetune_epochs_to_converge'] == 2 and asga['policy']['layers']['conv']['w'] == 3
   table = capsys.readouterr().out
-  assert '| seed0 | ASGA | 89.00 | 70.00 | 0.5000 | 3.00/2.00 | 22.00 | 200.00 | 2 |' in table
+  assert ('| seed0 | ASGA | 89.00 | 70.00 | 0.5000 | 3.00/2.00 | 22.00 | 200.0 / 100.0 | 2 / 2 |'
+          in table)
   for name in ('search_curves_seed0.png', 'finetune_curves_seed0.png',
                'landscape_search_seed0.png', 'landscape_finetune_seed0.png'):
     with Image.open(out / name) as image:
