@@ -81,10 +81,8 @@ def summarize(method: str, workdir: str, records: dict[str, list[dict[str, Any]]
   run = summarize_run(workdir, METHODS[method])
   with open(os.path.join(workdir, 'policy.json')) as f:
     policy = json.load(f)
-  with open(os.path.join(workdir, 'results.json')) as f:
-    finetune_lambda_max = json.load(f).get('finetune', {}).get('lambda_max', math.nan)
   return {'sigma_max_avg': run.sigma_max_avg, 'h_avg': run.h_avg, 'lambda_max': run.lambda_max,
-          'finetune_lambda_max': finetune_lambda_max,
+          'finetune_lambda_max': run.finetune_lambda_max,
           'search_top1': run.search_top1, 'finetune_top1': run.finetune_top1,
           'gbops': run.gbops, 'mean_w_bits': run.mean_w_bits, 'mean_a_bits': run.mean_a_bits,
           'policy': policy,

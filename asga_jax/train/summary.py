@@ -22,6 +22,7 @@ class RunSummary:
       (NaN when the search measured none; see ``search.probe_rho``).
     h_avg: average surrogate gap over the same steps.
     lambda_max: top Hessian eigenvalue at the end of the search (NaN if not measured).
+    finetune_lambda_max: the same at the end of finetuning.
     search_top1, finetune_top1: eval accuracy at the end of those stages.
     gbops: BOPs of the searched policy (at the search resolution).
     mean_w_bits, mean_a_bits: the searched policy's weight and activation bits,
@@ -33,6 +34,7 @@ class RunSummary:
   sigma_max_avg: float
   h_avg: float
   lambda_max: float
+  finetune_lambda_max: float
   search_top1: float
   finetune_top1: float
   gbops: float
@@ -89,7 +91,8 @@ def summarize_run(workdir: str, label: str | None = None) -> RunSummary:
       label=label or os.path.basename(os.path.normpath(workdir)), workdir=workdir,
       sharpness=config.get('search', {}).get('sharpness', '?'),
       sigma_max_avg=_mean(records, 'sigma_max'), h_avg=_mean(records, 'h'),
-      lambda_max=search.get('lambda_max', nan), search_top1=search.get('accuracy', nan),
+      lambda_max=search.get('lambda_max', nan),
+      finetune_lambda_max=finetune.get('lambda_max', nan), search_top1=search.get('accuracy', nan),
       finetune_top1=results.get('eval', {}).get('finetune', finetune).get('accuracy', nan),
       gbops=search.get('gbops', nan), mean_w_bits=search.get('mean_w_bits', nan),
       mean_a_bits=search.get('mean_a_bits', nan))
