@@ -9,13 +9,12 @@ with and without it (monkeypatched to the identity).
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from asga_jax import models, quant
+from asga_jax import quant
 from asga_jax.quant import layers
+from tests.cpu_flags_script import compiled_value_and_grad
 
 BATCH = 12  # no channel or spatial size of the model, so batch-minor shapes are recognizable
 SPECS = {'fp': quant.QuantSpec(),
@@ -24,20 +23,8 @@ SPECS = {'fp': quant.QuantSpec(),
 DATA_MOVEMENT = {'parameter', 'transpose', 'copy', 'bitcast', 'reshape'}
 
 
-def _value_and_grad(spec: quant.QuantSpec):
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(BATCH, 16, 16, 3)), jnp.float32)
-  labels = jnp.asarray(rng.integers(0, 10, BATCH))
-  model = models.create_model('resnet8', num_classes=10, width=8, quant=spec)
-  variables = model.init(jax.random.key(0), images[:1])
-
-  def loss_fn(params):
-    logits, _ = model.apply({**variables, 'params': params}, images, train=True,
-                            mutable=['batch_stats'])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  step = jax.jit(jax.value_and_grad(loss_fn))
-  return step.lower(variables['params']).compile().as_text(), step(variables['params'])
+def _without_stored_once(monkeypatch) -> None:
+  monkeypatch.setattr(layers, 'stored_once', lambda x: x)
 
 
 def _batch_minor_transposes(hlo: str) -> list[set[str]]:
@@ -51,25 +38,27 @@ def _batch_minor_transposes(hlo: str) -> list[set[str]]:
 
 
 def test_weight_gradient_transposes_only_move_data(monkeypatch):
-  hlo, _ = _value_and_grad(SPECS['fp'])
-  stored = _batch_minor_transposes(hlo)
+  stored = _batch_minor_transposes(compiled_value_and_grad(SPECS['fp'], BATCH)[0].as_text())
   # One per distinct convolution input: the image, each block's input and middle (a
   # strided block's first convolution and shortcut share theirs): 7 in ResNet-8.
   assert len(stored) == 7
   for ops in stored:
     assert ops <= DATA_MOVEMENT, ops - DATA_MOVEMENT
   # Without it, some transposes recompute the forward chain (the test can fail).
-  monkeypatch.setattr(layers, 'stored_once', lambda x: x)
-  recomputing = [ops - DATA_MOVEMENT for ops in _batch_minor_transposes(_value_and_grad(
-      SPECS['fp'])[0]) if not ops <= DATA_MOVEMENT]
+  _without_stored_once(monkeypatch)
+  hlo = compiled_value_and_grad(SPECS['fp'], BATCH)[0].as_text()
+  recomputing = [ops - DATA_MOVEMENT for ops in _batch_minor_transposes(hlo)
+                 if not ops <= DATA_MOVEMENT]
   assert recomputing and all({'maximum', 'add'} & ops for ops in recomputing)
 
 
 @pytest.mark.parametrize('name', sorted(SPECS))
 def test_loss_and_gradients_are_unchanged(name, monkeypatch):
-  _, (loss, grads) = _value_and_grad(SPECS[name])
-  monkeypatch.setattr(layers, 'stored_once', lambda x: x)
-  _, (ref_loss, ref_grads) = _value_and_grad(SPECS[name])
+  step, params = compiled_value_and_grad(SPECS[name], BATCH)
+  loss, grads = step(params)
+  _without_stored_once(monkeypatch)
+  step, params = compiled_value_and_grad(SPECS[name], BATCH)
+  ref_loss, ref_grads = step(params)
   # x / 1 is exact; what remains is XLA fusing the same expressions differently
   # (tolerances as in test_cpu_flags.py: round-off, and in a quantized network
   # the few rounding flips it causes).
