@@ -8,9 +8,11 @@ follows the same one. A round's cost of a variant is its median step (for
 SAQ-ET the medians of its two phases weighted by their frequency, which
 amortizes the sharpness pass every tau steps); a ratio is the median over
 rounds of the two variants' per-round ratio, so that a shared machine's slow
-drifts cancel. Compile time, XLA's cost model
-(FLOPs, bytes accessed: noise-free, for ratios finer than the timing noise)
-and XLA's memory plan are reported separately. All variants share the loss
+drifts cancel. Compile time, the model's FLOPs (6 per MAC and example for each
+gradient evaluation: what MFU divides), XLA's cost model (FLOPs, bytes
+accessed: noise-free, for ratios finer than the timing noise; on GPU it leaves
+out the convolutions, which run as cuDNN calls) and XLA's memory plan are
+reported separately. All variants share the loss
 and base optimizer (SGD, momentum 0.9):
 
 fp group (full precision): fp_sgd; fp_sam (``asga_jax.optim.sam``, rho 0.1).
@@ -63,11 +65,15 @@ class Variant:
 
   ``make_step(sharpness_step=phase)`` builds the step function of a phase (as
   :func:`steps.make_train_step`); with ``period > 1`` the step with index i
-  runs phase ``i % period == 0``.
+  runs phase ``i % period == 0``. ``macs`` (the model's multiply-accumulates
+  per example) and ``evals`` (gradient evaluations of a step, of the sharpness
+  phase when there are two; the other phase takes one) give the model FLOPs.
   """
   variables: Any
   tx: optax.GradientTransformation
   make_step: Callable[..., Callable[..., Any]]
+  macs: int
+  evals: int = 1
   period: int = 1
   compiled: dict[bool | None, Any] = dataclasses.field(default_factory=dict, init=False)
 
@@ -84,7 +90,12 @@ class Variant:
     memory = [self.compiled[p].memory_analysis() for p in phases]
     planned = max(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                   + m.temp_size_in_bytes for m in memory)
-    return state, {'compile_s': seconds, 'gflops': cost['flops'] / 1e9,
+    # A gradient evaluation is 6 FLOPs per MAC and example (forward 2, backward 4).
+    evals = self.weight(True if self.period > 1 else None) * self.evals + (
+        self.weight(False) if self.period > 1 else 0.0)
+    model_flops = 6 * self.macs * batch['image'].shape[0] * evals
+    return state, {'compile_s': seconds, 'model_gflops': model_flops / 1e9,
+                   'gflops': cost['flops'] / 1e9,
                    'gbytes_accessed': cost['bytes accessed'] / 1e9,
                    'xla_memory_mb': planned / 2**20}
 
@@ -108,8 +119,11 @@ class Variant:
 GROUPS = ('fp', 'qat', 'supernet')
 
 
-def _init(model, batch):
-  return jax.jit(model.init)(jax.random.key(0), batch['image'][:1])
+def _init(model, batch) -> tuple[Any, int]:
+  """(variables, the model's MACs per example)."""
+  example = batch['image'][:1]
+  macs = sum(c.macs for c in collect_layer_costs(model, example))
+  return jax.jit(model.init)(jax.random.key(0), example), macs
 
 
 def build_variants(model_name: str, batch: dict[str, jax.Array], groups: Sequence[str],
@@ -126,34 +140,34 @@ def build_variants(model_name: str, batch: dict[str, jax.Array], groups: Sequenc
   variants: dict[str, Variant] = {}
   if 'fp' in groups:
     model = models.create_model(model_name, **model_kwargs)
-    variables = _init(model, batch)
-    for name, tx in (('fp_sgd', base), ('fp_sam', optim.sam(base, rho=0.1))):
-      variants[name] = Variant(variables, tx,
-                               functools.partial(steps.make_train_step, model, tx))
+    variables, macs = _init(model, batch)
+    for name, tx, evals in (('fp_sgd', base, 1), ('fp_sam', optim.sam(base, rho=0.1), 2)):
+      variants[name] = Variant(variables, tx, functools.partial(steps.make_train_step, model, tx),
+                               macs, evals)
   if 'qat' in groups:
     model = models.create_model(model_name, quant=QuantSpec(mode='fixed', uniform=LayerBits(4, 4)),
                                 **model_kwargs)
-    variables = _init(model, batch)
-    for name, tx, qgrads, tau in (('qat_sgd', base, False, 1),
-                                  ('saq', optim.saq(base, rho=0.5), True, 1),
-                                  ('saq_et', optim.saq(base, rho=0.5, tau=4), True, 4)):
+    variables, macs = _init(model, batch)
+    for name, tx, qgrads, evals, tau in (('qat_sgd', base, False, 1, 1),
+                                         ('saq', optim.saq(base, rho=0.5), True, 2, 1),
+                                         ('saq_et', optim.saq(base, rho=0.5, tau=4), True, 2, 4)):
       variants[name] = Variant(variables, tx, functools.partial(
-          steps.make_train_step, model, tx, quantized_grads=qgrads), period=tau)
+          steps.make_train_step, model, tx, quantized_grads=qgrads), macs, evals, period=tau)
   if 'supernet' in groups:
     bits = models.DEFAULT_BITS[model_name]
     model = models.create_model(model_name, quant=QuantSpec(mode='supernet', w_bits=bits,
                                                             a_bits=bits), **model_kwargs)
-    variables = _init(model, batch)
+    variables, macs = _init(model, batch)
     costs = collect_layer_costs(model, batch['image'][:1])
-    for name, tx in (('supernet_sgd', base), ('asga', optim.asga(base)),
-                     ('sam', optim.sam(base, rho=0.1))):
+    for name, tx, evals in (('supernet_sgd', base, 1), ('asga', optim.asga(base), 2),
+                            ('sam', optim.sam(base, rho=0.1), 2)):
       tx = optax.chain(optim.complexity_penalty(costs, weight=0.1), tx)
       variants[name] = Variant(variables, tx, functools.partial(
-          steps.make_train_step, model, tx, costs=costs))
+          steps.make_train_step, model, tx, costs=costs), macs, evals)
     sam = optax.contrib.sam(base, optax.chain(optax.contrib.normalize(), optax.sgd(0.1)),
                             sync_period=2, opaque_mode=True)
-    variants['optax_sam'] = Variant(variables, sam,
-                                    functools.partial(optax_sam_step, model, sam, costs, 0.1))
+    variants['optax_sam'] = Variant(variables, sam, functools.partial(
+        optax_sam_step, model, sam, costs, 0.1), macs, evals=2)
   return variants
 
 
@@ -166,7 +180,8 @@ def time_variants(variants: dict[str, Variant], batch: dict[str, jax.Array], *, 
     Per variant: median/min/max ms over all timed steps, the per-round step
     cost (``round_ms``, for ratios: the median step of the round, or for
     SAQ-ET the frequency-weighted medians of its two phases), ``steps``
-    timed, compile seconds, XLA's GFLOP and GB accessed per step, and XLA's
+    timed, compile seconds, the model's GFLOP per step (``model_gflops``,
+    from its MACs), XLA's GFLOP and GB accessed per step, and XLA's
     memory plan (``xla_memory_mb``: arguments + outputs - donated aliases +
     temporaries).
   """

@@ -1,7 +1,10 @@
 """The benchmark entry point in quick mode: it runs, and its report is consistent."""
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,10 @@ import pytest
 from asga_jax import models, quant
 from benchmarks import run, torch_reference
 
+# ResNet-8, width 4, 8x8 input, MACs per example by hand (output pixels x fan-in x filters):
+# stem 64 * 27 * 4; stage 1: 2 * 64 * 36 * 4; stage 2 (4x4): 16 * (36 * 8 + 72 * 8 + 4 * 8
+# shortcut); stage 3 (2x2): 4 * (72 * 16 + 144 * 16 + 8 * 16); head 16 * 10.
+RESNET8_MACS = 6912 + 18432 + 14336 + 14336 + 160
 STEPS = ('fp_sgd', 'fp_sam', 'qat_sgd', 'saq', 'saq_et', 'supernet_sgd', 'asga', 'sam',
          'optax_sam')
 
@@ -27,6 +34,11 @@ def test_quick_benchmark_times_every_step_kind(tmp_path):
     assert r['steps'] == quick, name
     assert r['min_ms'] <= r['median_ms'] <= r['max_ms'], name
     assert r['compile_s'] > 0 and r['xla_memory_mb'] > 0 and r['gflops'] > 0, name
+  # Model FLOPs (what MFU divides): 6 per MAC, example and gradient evaluation.
+  evals = {'fp_sam': 2, 'saq': 2, 'saq_et': 1.25, 'asga': 2, 'sam': 2, 'optax_sam': 2}
+  for name, r in results.items():
+    assert r['model_gflops'] * 1e9 == pytest.approx(
+        6 * RESNET8_MACS * run.QUICK['batch'] * evals.get(name, 1)), name
   # Two gradient evaluations per sharpness step, in XLA's own FLOP count.
   for two, one in (('asga', 'supernet_sgd'), ('sam', 'supernet_sgd'), ('fp_sam', 'fp_sgd'),
                    ('saq', 'qat_sgd')):
@@ -46,6 +58,24 @@ def test_quick_benchmark_times_every_step_kind(tmp_path):
   assert pipeline['decode']['images_per_s'] > 0 and pipeline['cached']['images_per_s'] > 0
   assert ratios['input/step']['value'] == pytest.approx(
       pipeline['decode']['images_per_s'] / pipeline['fastest_step_images_per_s'])
+
+
+def test_steps_and_benchmark_import_without_tensorflow():
+  # A GPU box's CUDA image often has JAX but no TensorFlow: the steps and the benchmark
+  # (with --no-input) must not need it; the training program's entry points load it lazily.
+  code = ('import sys\n'
+          'for name in ("tensorflow", "tensorflow_datasets", "ml_collections", "clu"):\n'
+          '  sys.modules[name] = None  # importing it now raises ImportError\n'
+          'import benchmarks.run, asga_jax.train.steps\n'
+          'import asga_jax.train as train\n'
+          'try:\n'
+          '  train.train_and_evaluate\n'
+          'except ImportError:\n'
+          '  print("lazy")\n')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, '-c', code], cwd=repo, capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.strip() == 'lazy'
 
 
 @pytest.mark.parametrize('argv, message', [
