@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import optax
 
 from asga_jax import models, optim
-from asga_jax.quant import LayerBits, QuantSpec, collect_layer_costs, complexity_loss
+from asga_jax.quant import LayerBits, LayerCost, QuantSpec, collect_layer_costs, complexity_loss
 from asga_jax.train import steps
 
 
@@ -65,14 +65,14 @@ class Variant:
 
   ``make_step(sharpness_step=phase)`` builds the step function of a phase (as
   :func:`steps.make_train_step`); with ``period > 1`` the step with index i
-  runs phase ``i % period == 0``. ``macs`` (the model's multiply-accumulates
-  per example) and ``evals`` (gradient evaluations of a step, of the sharpness
-  phase when there are two; the other phase takes one) give the model FLOPs.
+  runs phase ``i % period == 0``. The model's layer ``costs`` (MACs) and
+  ``evals`` (gradient evaluations of a step, of the sharpness phase when there
+  are two; the other phase takes one) give the model FLOPs.
   """
   variables: Any
   tx: optax.GradientTransformation
   make_step: Callable[..., Callable[..., Any]]
-  macs: int
+  costs: tuple[LayerCost, ...]
   evals: int = 1
   period: int = 1
   compiled: dict[bool | None, Any] = dataclasses.field(default_factory=dict, init=False)
@@ -91,9 +91,9 @@ class Variant:
     planned = max(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                   + m.temp_size_in_bytes for m in memory)
     # A gradient evaluation is 6 FLOPs per MAC and example (forward 2, backward 4).
-    evals = self.weight(True if self.period > 1 else None) * self.evals + (
-        self.weight(False) if self.period > 1 else 0.0)
-    model_flops = 6 * self.macs * batch['image'].shape[0] * evals
+    evals = sum(self.weight(p) * (1 if p is False else self.evals) for p in phases)
+    macs = sum(c.macs for c in self.costs)
+    model_flops = 6 * macs * batch['image'].shape[0] * evals
     return state, {'compile_s': seconds, 'model_gflops': model_flops / 1e9,
                    'gflops': cost['flops'] / 1e9,
                    'gbytes_accessed': cost['bytes accessed'] / 1e9,
@@ -119,11 +119,10 @@ class Variant:
 GROUPS = ('fp', 'qat', 'supernet')
 
 
-def _init(model, batch) -> tuple[Any, int]:
-  """(variables, the model's MACs per example)."""
+def _init(model, batch) -> tuple[Any, tuple[LayerCost, ...]]:
+  """(variables, the model's layer costs)."""
   example = batch['image'][:1]
-  macs = sum(c.macs for c in collect_layer_costs(model, example))
-  return jax.jit(model.init)(jax.random.key(0), example), macs
+  return jax.jit(model.init)(jax.random.key(0), example), collect_layer_costs(model, example)
 
 
 def build_variants(model_name: str, batch: dict[str, jax.Array], groups: Sequence[str],
@@ -140,34 +139,33 @@ def build_variants(model_name: str, batch: dict[str, jax.Array], groups: Sequenc
   variants: dict[str, Variant] = {}
   if 'fp' in groups:
     model = models.create_model(model_name, **model_kwargs)
-    variables, macs = _init(model, batch)
+    variables, costs = _init(model, batch)
     for name, tx, evals in (('fp_sgd', base, 1), ('fp_sam', optim.sam(base, rho=0.1), 2)):
       variants[name] = Variant(variables, tx, functools.partial(steps.make_train_step, model, tx),
-                               macs, evals)
+                               costs, evals)
   if 'qat' in groups:
     model = models.create_model(model_name, quant=QuantSpec(mode='fixed', uniform=LayerBits(4, 4)),
                                 **model_kwargs)
-    variables, macs = _init(model, batch)
+    variables, costs = _init(model, batch)
     for name, tx, qgrads, evals, tau in (('qat_sgd', base, False, 1, 1),
                                          ('saq', optim.saq(base, rho=0.5), True, 2, 1),
                                          ('saq_et', optim.saq(base, rho=0.5, tau=4), True, 2, 4)):
       variants[name] = Variant(variables, tx, functools.partial(
-          steps.make_train_step, model, tx, quantized_grads=qgrads), macs, evals, period=tau)
+          steps.make_train_step, model, tx, quantized_grads=qgrads), costs, evals, period=tau)
   if 'supernet' in groups:
     bits = models.DEFAULT_BITS[model_name]
     model = models.create_model(model_name, quant=QuantSpec(mode='supernet', w_bits=bits,
                                                             a_bits=bits), **model_kwargs)
-    variables, macs = _init(model, batch)
-    costs = collect_layer_costs(model, batch['image'][:1])
+    variables, costs = _init(model, batch)
     for name, tx, evals in (('supernet_sgd', base, 1), ('asga', optim.asga(base), 2),
                             ('sam', optim.sam(base, rho=0.1), 2)):
       tx = optax.chain(optim.complexity_penalty(costs, weight=0.1), tx)
       variants[name] = Variant(variables, tx, functools.partial(
-          steps.make_train_step, model, tx, costs=costs), macs, evals)
+          steps.make_train_step, model, tx, costs=costs), costs, evals)
     sam = optax.contrib.sam(base, optax.chain(optax.contrib.normalize(), optax.sgd(0.1)),
                             sync_period=2, opaque_mode=True)
     variants['optax_sam'] = Variant(variables, sam, functools.partial(
-        optax_sam_step, model, sam, costs, 0.1), macs, evals=2)
+        optax_sam_step, model, sam, costs, 0.1), costs, evals=2)
   return variants
 
 

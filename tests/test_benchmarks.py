@@ -14,6 +14,7 @@ import pytest
 from asga_jax import models, quant
 from benchmarks import run, torch_reference
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ResNet-8, width 4, 8x8 input, MACs per example by hand (output pixels x fan-in x filters):
 # stem 64 * 27 * 4; stage 1: 2 * 64 * 36 * 4; stage 2 (4x4): 16 * (36 * 8 + 72 * 8 + 4 * 8
 # shortcut); stage 3 (2x2): 4 * (72 * 16 + 144 * 16 + 8 * 16); head 16 * 10.
@@ -72,10 +73,14 @@ def test_steps_and_benchmark_import_without_tensorflow():
           '  train.train_and_evaluate\n'
           'except ImportError:\n'
           '  print("lazy")\n')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, '-c', code], cwd=repo, capture_output=True, text=True,
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
                        check=True)
   assert out.stdout.strip() == 'lazy'
+
+
+def test_gpu_script_prints_its_usage():
+  out = subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 2 and out.stdout.startswith('# Usage: benchmarks/gpu.sh OUTDIR')
 
 
 @pytest.mark.parametrize('argv, message', [
