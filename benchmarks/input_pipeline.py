@@ -11,11 +11,23 @@ reported apart from the steady rate.
 from __future__ import annotations
 
 import copy
+import os
 import time
 from typing import Any
 
 from asga_jax import data
 from asga_jax.data.config import LARGE_IMAGE_SIZE
+
+
+def data_config(archive: str | None, image_size: int) -> Any:
+  """The trainer's data config for an image-folder ``archive``, or the embedded sample (None)."""
+  cfg = data.default_data_config()
+  if archive is None:
+    cfg.name = 'cifar10_sample'
+  else:
+    cfg.name, cfg.archive = 'folder', os.path.abspath(archive)
+  cfg.image_size = image_size
+  return cfg
 
 
 def _rate(cfg: Any, batch: int, num_batches: int) -> dict[str, float]:

@@ -176,20 +176,6 @@ def _ratio_table(table: dict[str, dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
-def _input_data_config(args: argparse.Namespace):
-  from asga_jax import data  # pylint: disable=g-import-not-at-top  (TensorFlow: see main)
-  cfg = data.default_data_config()
-  if args.archive is None:
-    cfg.name = 'cifar10_sample'
-  else:
-    if not os.path.exists(args.archive):
-      raise SystemExit(f'input pipeline: {args.archive} not found; pass --archive PATH to the '
-                       'CIFAR-10 JPEG archive, or --no-input.')
-    cfg.name, cfg.archive = 'folder', os.path.abspath(args.archive)
-  cfg.image_size = args.size
-  return cfg
-
-
 def _torch_reference(args: argparse.Namespace, kwargs: dict[str, Any],
                      batch: dict[str, jax.Array], variants: dict[str, step_time.Variant],
                      results: dict[str, dict[str, Any]], log: Any) -> str | None:
@@ -229,8 +215,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if not args.no_input:  # first: a bad archive fails before minutes of timing
     # Imported here: the pipeline needs TensorFlow, which a GPU box's image may lack.
     from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
+    if args.archive is not None and not os.path.exists(args.archive):
+      raise SystemExit(f'input pipeline: {args.archive} not found; pass --archive PATH to the '
+                       'CIFAR-10 JPEG archive, or --no-input.')
     log('timing the input pipeline')
-    pipeline = input_pipeline.measure(_input_data_config(args), args.batch, args.input_batches)
+    pipeline = input_pipeline.measure(input_pipeline.data_config(args.archive, args.size),
+                                      args.batch, args.input_batches)
   kwargs = _model_kwargs(args)
   variants = step_time.build_variants(args.model, batch, args.groups, **kwargs)
   results = step_time.time_variants(variants, batch, rounds=args.rounds,
