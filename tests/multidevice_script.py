@@ -4,6 +4,8 @@ Prints one JSON object: for each check, the largest relative difference of
 parameters (and BatchNorm statistics): data-parallel steps on 8 devices (state
 replicated, or FSDP-sharded) against one-device steps, m-sharpness against the global
 ascent, and a checkpoint saved from 8 devices against its restores onto meshes of 1 and 4 devices.
+The ASGA search checks report the difference relative to the distance the
+steps moved (see test_sharding.SEARCH_TOLERANCE).
 """
 
 import json
@@ -31,8 +33,18 @@ def max_rel_diff(a, b) -> float:
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def step_rel_diff(a, b, start) -> float:
+  """||a - b|| / ||a - start|| over all leaves: the difference per distance moved."""
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
+  a, b, start = flat(a), flat(b), flat(start)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(a - start))
+
+
 def compare(model, tx, batch, num_steps=2, single_kwargs=None, fsdp=False, **kwargs):
-  """(max relative difference, final sharded state); ``single_kwargs`` change the 1-device step."""
+  """(max relative difference, parameters' difference per distance moved, final sharded state).
+
+  ``single_kwargs`` change the 1-device step.
+  """
   variables = jax.jit(model.init)(jax.random.key(0, impl='rbg'), batch['image'][:1])
   single = steps.jit_train_step(model, tx, **{**kwargs, **(single_kwargs or {})})
   mesh = sharding.make_mesh()
@@ -47,7 +59,8 @@ def compare(model, tx, batch, num_steps=2, single_kwargs=None, fsdp=False, **kwa
   for i in range(num_steps):
     a, _ = single(a, batch, i)
     b, _ = sharded(b, global_batch, i)
-  return max(max_rel_diff(b.params, a.params), max_rel_diff(b.batch_stats, a.batch_stats)), b
+  return (max(max_rel_diff(b.params, a.params), max_rel_diff(b.batch_stats, a.batch_stats)),
+          step_rel_diff(a.params, b.params, variables['params']), b)
 
 
 def main() -> None:
@@ -60,17 +73,17 @@ def main() -> None:
   costs = quant.collect_layer_costs(supernet, jnp.zeros((1, 16, 16, 3)))
   tx = optax.chain(optim.complexity_penalty(costs, weight=0.1),
                    optim.asga(optax.sgd(0.05, momentum=0.9)))
-  results['search_asga'], state = compare(supernet, tx, batch, costs=costs)
-  results['search_asga_fsdp'], _ = compare(supernet, tx, batch, costs=costs, fsdp=True)
+  _, results['search_asga'], state = compare(supernet, tx, batch, costs=costs)
+  _, results['search_asga_fsdp'], _ = compare(supernet, tx, batch, costs=costs, fsdp=True)
   fixed = models.resnet8(10, width=4, quant=QuantSpec(mode='fixed', uniform=LayerBits(4, 4)))
-  results['finetune_sgd'], _ = compare(fixed, optax.sgd(0.05, momentum=0.9, nesterov=True),
+  results['finetune_sgd'], _, _ = compare(fixed, optax.sgd(0.05, momentum=0.9, nesterov=True),
                                        batch)
   # m-sharpness with m = the per-device batch (2): each replica perturbs along its own
   # gradient. Sharded, it equals the one-device reference over the same sub-batches,
   # and differs from the global ascent direction.
   sam = optim.sam(optax.sgd(0.05), rho=0.5)
-  results['m_sharpness_vs_reference'], _ = compare(fixed, sam, batch, m_sharpness=2)
-  results['m_sharpness_vs_global'], _ = compare(fixed, sam, batch, m_sharpness=2,
+  results['m_sharpness_vs_reference'], _, _ = compare(fixed, sam, batch, m_sharpness=2)
+  results['m_sharpness_vs_global'], _, _ = compare(fixed, sam, batch, m_sharpness=2,
                                                 single_kwargs={'m_sharpness': 0})
   # A checkpoint written from 8 devices restores onto 1 and onto 4.
   with tempfile.TemporaryDirectory() as directory:

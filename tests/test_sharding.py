@@ -28,14 +28,22 @@ def eight_device_results():
 # Float32 sums in another order (per-device partial sums, then an all-reduce):
 # parameters after two steps agree to this relative tolerance.
 TOLERANCE = 1e-4
+# The ASGA search on a 2-bit supernet amplifies that round-off: once it moves one
+# quantizer input across a rounding step (it did with the suite's compile flags on
+# one Xeon: the first loss differed by 7e-5), the perturbed loss and with it h
+# and the adaptive rho of the next step differ by several percent. So the search
+# checks compare ||sharded - one device|| with the distance the two steps moved:
+# 3e-6 without such a flip, 1.3e-2 with one; a per-device ascent direction (the
+# m-sharpness a sharding bug would give) differs by 0.6-0.8.
+SEARCH_TOLERANCE = 0.1
 
 
 def test_sharded_asga_search_step_equals_one_device(eight_device_results):
-  assert eight_device_results['search_asga'] < TOLERANCE
+  assert eight_device_results['search_asga'] < SEARCH_TOLERANCE
 
 
 def test_fsdp_sharded_state_gives_the_same_search_step(eight_device_results):
-  assert eight_device_results['search_asga_fsdp'] < TOLERANCE
+  assert eight_device_results['search_asga_fsdp'] < SEARCH_TOLERANCE
 
 
 def test_sharded_finetune_step_equals_one_device(eight_device_results):
