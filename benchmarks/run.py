@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asga_jax import cpu_flags, models
+from asga_jax import cpu_flags, models, onednn
 from asga_jax.files import write_json
 from benchmarks import step_time, torch_reference
 
@@ -115,7 +115,9 @@ def _machine() -> dict[str, Any]:
   return {'device': device.device_kind, 'backend': jax.default_backend(),
           'device_count': jax.device_count(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
           'machine': platform.machine(), 'python': platform.python_version(),
-          'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', '')}
+          'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          # float32 convolutions: asga_jax.onednn's (CPU default) or XLA's own.
+          'convolutions': 'oneDNN' if onednn.enabled() else 'XLA'}
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   print(f'\n{args.model}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}; '
         f'{machine["device"]} ({machine["cpu"]}, {machine["cpu_count"]} CPUs), jax '
-        f'{machine["jax"]}; XLA_FLAGS: {machine["xla_flags"] or "(none)"}\n')
+        f'{machine["jax"]}; {machine["convolutions"]} convolutions; XLA_FLAGS: '
+        f'{machine["xla_flags"] or "(none)"}\n')
   print(_step_table(results, args.batch))
   print()
   print(_ratio_table(table))

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from asga_jax import cpu_flags
+from asga_jax import cpu_flags, onednn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULTS = [f'--{name}={value}' for name, value in cpu_flags.CPU_FLAGS.items()]
@@ -45,8 +45,9 @@ def _run_both(tmp_path: pathlib.Path, flags: dict[str, str]) -> dict[str, dict[s
   """cpu_flags_script.py under each XLA_FLAGS value, the processes side by side."""
   processes = {}
   for name, xla_flags in flags.items():
+    # XLA's own convolutions, which the flags are about (not the oneDNN ones).
     env = {**os.environ, 'PYTHONPATH': str(ROOT), 'XLA_FLAGS': xla_flags,
-           cpu_flags.OPT_OUT: '0', 'JAX_PLATFORMS': 'cpu'}
+           cpu_flags.OPT_OUT: '0', onednn.conv.OPT_OUT: '0', 'JAX_PLATFORMS': 'cpu'}
     processes[name] = subprocess.Popen(
         [sys.executable, str(ROOT / 'tests' / 'cpu_flags_script.py'), str(tmp_path / name)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -3,7 +3,8 @@
 XLA:CPU fused the BatchNorm/ReLU/residual chain (or the quantizer) into the
 transposes that feed each weight gradient; ``stored_once`` makes those
 transposes read a stored array. The tests compile a small ResNet's gradient
-with and without it (monkeypatched to the identity).
+with and without it (monkeypatched to the identity), with XLA's own
+convolutions (the oneDNN ones, custom calls, store their inputs anyway).
 """
 
 import re
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from asga_jax import quant
+from asga_jax import onednn, quant
 from asga_jax.quant import layers
 from tests.cpu_flags_script import compiled_value_and_grad
 
@@ -21,6 +22,11 @@ SPECS = {'fp': quant.QuantSpec(),
          'supernet': quant.QuantSpec(mode='supernet', w_bits=(2, 4), a_bits=(2, 4))}
 # Ops of a fusion that only moves data.
 DATA_MOVEMENT = {'parameter', 'transpose', 'copy', 'bitcast', 'reshape'}
+
+
+@pytest.fixture(autouse=True)
+def _xla_convolutions(monkeypatch):
+  monkeypatch.setenv(onednn.conv.OPT_OUT, '0')
 
 
 def _without_stored_once(monkeypatch) -> None:

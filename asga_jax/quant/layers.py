@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from asga_jax import onednn
 from asga_jax.quant import quantizers
 from asga_jax.quant.spec import QuantSpec, Resolved
 
@@ -122,8 +123,9 @@ def stored_once(x: jax.Array) -> jax.Array:
   weight gradient. XLA:CPU fuses cheap elementwise producers into every
   consumer, so that transpose recomputes the whole BatchNorm/ReLU/residual
   chain (or the quantizer) element by element, in a strided loop about 8x
-  slower than its tiled transpose of a stored array. Storing it makes the
-  ResNet-20 steps 9-29% faster on CPU (README, Performance).
+  slower than its tiled transpose of a stored array. Storing it made the
+  ResNet-20 steps 9-29% faster on CPU (README, Performance). The oneDNN
+  convolutions (custom calls, whose operands XLA stores anyway) do not need it.
   Division is one of the operations XLA does not duplicate; dividing by ones
   it cannot see through (an optimization barrier) keeps ``x`` exact (x / 1 is
   x in IEEE arithmetic) and stores it. The division costs one fused
@@ -179,14 +181,15 @@ class QuantConv(nn.Module):
                         jnp.float32)
     q = self.quant.resolve(layer_path(self), self.edge)
     x, kernel = quantize_operands(self, x, kernel, q, self.quant, self.signed_input)
-    padding = self.padding
-    if isinstance(padding, int):
-      padding = [(padding, padding)] * 2
-    y = jax.lax.conv_general_dilated(
-        stored_once(x.astype(self.dtype)), kernel.astype(self.dtype),
-        window_strides=tuple(self.strides), padding=padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=self.feature_group_count)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    padding = onednn.explicit_padding(x.shape, kernel.shape, self.strides, self.padding)
+    if onednn.supported(x, kernel, padding, self.feature_group_count):
+      y = onednn.conv2d(x, kernel, self.strides, padding)
+    else:
+      y = jax.lax.conv_general_dilated(
+          stored_once(x), kernel, window_strides=tuple(self.strides),
+          padding=onednn.conv.pairs(padding), dimension_numbers=onednn.DIMENSION_NUMBERS,
+          feature_group_count=self.feature_group_count)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,),
                          jnp.float32).astype(self.dtype)
