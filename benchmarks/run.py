@@ -194,7 +194,7 @@ def _torch_reference(args: argparse.Namespace, kwargs: dict[str, Any],
   first = {'fp': 'fp_sgd', 'qat': 'qat_sgd', 'supernet': 'supernet_sgd'}
   num_params = {group: sum(x.size for x in jax.tree.leaves(variants[name].variables['params']))
                 for group, name in first.items() if name in variants}
-  results.update(torch_reference.time_steps(
+  results.update(torch_reference.time_steps_apart(
       np.asarray(batch['image']), np.asarray(batch['label']),
       depth=int(args.model.removeprefix('resnet')), width=args.width or 16,
       num_classes=kwargs['num_classes'], num_params=num_params, groups=args.groups,

@@ -119,6 +119,20 @@ def test_torch_reference_is_the_same_network():
                                num_params={'qat': RESNET8_COUNTS['qat'] + 1}, **kwargs)
 
 
+def test_torch_reference_times_in_a_process_of_its_own():
+  pytest.importorskip('torch')
+  images, labels = np.zeros((2, 8, 8, 3), np.float32), np.zeros(2, np.int32)
+  kwargs = dict(depth=8, width=4, num_classes=10, bits=(2, 3, 4, 6), warmup=1, steps=2)
+  results = torch_reference.time_steps_apart(images, labels, num_params=RESNET8_COUNTS,
+                                             groups=('fp',), **kwargs)
+  assert set(results) == {'torch_sgd', 'torch_sam'}
+  assert results['torch_sgd']['steps'] == 2 and results['torch_sgd']['median_ms'] > 0
+  # Its errors reach the caller.
+  with pytest.raises(RuntimeError, match='torch_sgd: .* parameters'):
+    torch_reference.time_steps_apart(images, labels, groups=('fp',),
+                                     num_params={'fp': RESNET8_COUNTS['fp'] + 1}, **kwargs)
+
+
 @pytest.mark.parametrize('signed', [False, True])
 @pytest.mark.parametrize('bits', [(4,), (2, 3, 4, 6)])
 def test_torch_quantizer_matches_the_library(signed, bits):
