@@ -117,9 +117,9 @@ const Plan& GetPlan(const Geometry& g, Pass pass) {
   return it->second;  // std::map never moves its elements
 }
 
-ffi::Error MakeGeometry(ffi::Span<const int64_t> input, ffi::Span<const int64_t> kernel,
-                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
-                        Geometry* g) {
+using Dims = ffi::Span<const int64_t>;
+
+ffi::Error MakeGeometry(Dims input, Dims kernel, Dims strides, Dims padding, Geometry* g) {
   if (input.size() != 4 || kernel.size() != 4 || strides.size() != 2 || padding.size() != 4) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "asga_jax oneDNN conv: expects a rank-4 NHWC input, a rank-4 HWIO "
@@ -142,8 +142,14 @@ void* Scratch(std::vector<char>& buffer, size_t bytes) {
 }
 
 // Runs `pass`: `input`/`output` are the NHWC activation and output-side
-// tensors (x and y, dx and dy, x and dy); `kernel` is XLA's HWIO buffer.
-ffi::Error Run(const Geometry& g, Pass pass, void* input, void* output, void* kernel) {
+// tensors (x and y, dx and dy, x and dy); `kernel` is XLA's HWIO buffer. The
+// geometry comes from the input's and the kernel's shapes.
+ffi::Error Run(Pass pass, Dims input_shape, Dims kernel_shape, Dims strides, Dims padding,
+               void* input, void* output, void* kernel) {
+  Geometry g;
+  if (auto e = MakeGeometry(input_shape, kernel_shape, strides, padding, &g); e.failure()) {
+    return e;
+  }
   try {
     const Plan& plan = GetPlan(g, pass);
     thread_local dnnl::stream stream(Engine());
@@ -183,43 +189,28 @@ ffi::Error Run(const Geometry& g, Pass pass, void* input, void* output, void* ke
 }
 
 using F32 = ffi::Buffer<ffi::F32>;
-using Ints = ffi::Span<const int64_t>;
 
-ffi::Error Forward(F32 x, F32 kernel, ffi::ResultBuffer<ffi::F32> y, Ints strides,
-                   Ints padding) {
-  Geometry g;
-  if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), strides, padding, &g);
-      e.failure()) {
-    return e;
-  }
-  return Run(g, Pass::kForward, x.untyped_data(), y->untyped_data(), kernel.untyped_data());
+ffi::Error Forward(F32 x, F32 kernel, ffi::ResultBuffer<ffi::F32> y, Dims strides,
+                   Dims padding) {
+  return Run(Pass::kForward, x.dimensions(), kernel.dimensions(), strides, padding,
+             x.untyped_data(), y->untyped_data(), kernel.untyped_data());
 }
 
 // The result dx has x's shape, which dy alone does not determine.
-ffi::Error BackwardData(F32 dy, F32 kernel, ffi::ResultBuffer<ffi::F32> dx, Ints strides,
-                        Ints padding) {
-  Geometry g;
-  if (auto e = MakeGeometry(dx->dimensions(), kernel.dimensions(), strides, padding, &g);
-      e.failure()) {
-    return e;
-  }
-  return Run(g, Pass::kBackwardData, dx->untyped_data(), dy.untyped_data(),
-             kernel.untyped_data());
+ffi::Error BackwardData(F32 dy, F32 kernel, ffi::ResultBuffer<ffi::F32> dx, Dims strides,
+                        Dims padding) {
+  return Run(Pass::kBackwardData, dx->dimensions(), kernel.dimensions(), strides, padding,
+             dx->untyped_data(), dy.untyped_data(), kernel.untyped_data());
 }
 
-ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dkernel, Ints strides,
-                           Ints padding) {
-  Geometry g;
-  if (auto e = MakeGeometry(x.dimensions(), dkernel->dimensions(), strides, padding, &g);
-      e.failure()) {
-    return e;
-  }
-  return Run(g, Pass::kBackwardWeights, x.untyped_data(), dy.untyped_data(),
-             dkernel->untyped_data());
+ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dkernel, Dims strides,
+                           Dims padding) {
+  return Run(Pass::kBackwardWeights, x.dimensions(), dkernel->dimensions(), strides, padding,
+             x.untyped_data(), dy.untyped_data(), dkernel->untyped_data());
 }
 
 auto Binding() {
-  return ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<Ints>("strides").Attr<Ints>(
+  return ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>().Attr<Dims>("strides").Attr<Dims>(
       "padding");
 }
 

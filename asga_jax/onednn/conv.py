@@ -59,15 +59,17 @@ def _xla_forward(x, kernel, *, strides, padding):
 
 
 def _xla_backward_data(dy, kernel, *, strides, padding, input_shape):
-  zeros = jnp.zeros(input_shape, dy.dtype)
-  return jax.vjp(lambda x: _xla_forward(x, kernel, strides=strides, padding=padding),
-                 zeros)[1](dy)[0]
+  transpose = jax.linear_transpose(
+      lambda x: _xla_forward(x, kernel, strides=strides, padding=padding),
+      jax.ShapeDtypeStruct(input_shape, dy.dtype))
+  return transpose(dy)[0]
 
 
 def _xla_backward_weights(x, dy, *, strides, padding, kernel_shape):
-  zeros = jnp.zeros(kernel_shape, x.dtype)
-  return jax.vjp(lambda k: _xla_forward(x, k, strides=strides, padding=padding),
-                 zeros)[1](dy)[0]
+  transpose = jax.linear_transpose(
+      lambda k: _xla_forward(x, k, strides=strides, padding=padding),
+      jax.ShapeDtypeStruct(kernel_shape, x.dtype))
+  return transpose(dy)[0]
 
 
 forward_p = Primitive('asga_onednn_conv_forward')                  # (x, kernel) -> y
