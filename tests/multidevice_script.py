@@ -25,19 +25,13 @@ from asga_jax import models, optim, quant  # noqa: E402
 from asga_jax.quant import LayerBits, QuantSpec  # noqa: E402
 from asga_jax.train import sharding, steps  # noqa: E402
 from asga_jax.train.checkpoints import StageCheckpoints  # noqa: E402
+from tests.reference import difference_per_distance_moved  # noqa: E402
 
 
 def max_rel_diff(a, b) -> float:
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) /
                    (np.max(np.abs(np.asarray(y))) + 1e-12))
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
-def step_rel_diff(a, b, start) -> float:
-  """||a - b|| / ||a - start|| over all leaves: the difference per distance moved."""
-  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
-  a, b, start = flat(a), flat(b), flat(start)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(a - start))
 
 
 def compare(model, tx, batch, num_steps=2, single_kwargs=None, fsdp=False, **kwargs):
@@ -60,7 +54,8 @@ def compare(model, tx, batch, num_steps=2, single_kwargs=None, fsdp=False, **kwa
     a, _ = single(a, batch, i)
     b, _ = sharded(b, global_batch, i)
   return (max(max_rel_diff(b.params, a.params), max_rel_diff(b.batch_stats, a.batch_stats)),
-          step_rel_diff(a.params, b.params, variables['params']), b)
+          difference_per_distance_moved(*(jax.tree.leaves(jax.device_get(t))
+                                          for t in (a.params, b.params, variables['params']))), b)
 
 
 def main() -> None:

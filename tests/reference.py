@@ -39,3 +39,11 @@ def conv2d_nhwc(x, k, stride=1, pad=0, groups=1):
         p = patch[..., g * cg:(g + 1) * cg].reshape(n, -1)
         out[:, i, j, g * fg:(g + 1) * fg] = p @ k[..., g * fg:(g + 1) * fg].reshape(-1, fg)
   return out
+
+
+def difference_per_distance_moved(a, b, start):
+  """||a - b|| / ||a - start||, each a list of arrays: how far apart two runs
+  from ``start`` ended, per distance they moved."""
+  flat = lambda arrays: np.concatenate([np.ravel(np.asarray(x)) for x in arrays])
+  a, b, start = flat(a), flat(b), flat(start)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(a - start))
