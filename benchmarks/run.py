@@ -18,6 +18,7 @@ Prints Markdown tables and writes everything, with the machine, to
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -151,6 +152,28 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     saq = _step_ratio(results, 'saq', 'qat_sgd')
     out['saq_et floor'] = {'value': 1 + (saq - 1) / 4, 'target': '1 + (saq/qat_sgd - 1) / 4',
                            'met': None}
+  if 'phase_round_ms' in results.get('saq_et', {}) and 'qat_sgd' in results:
+    out.update(_saq_et_phases(results['saq_et']['phase_round_ms'], results['qat_sgd']['round_ms']))
+  return out
+
+
+def _saq_et_phases(phase_round_ms: dict[str, list[float]], qat_round_ms: list[float]
+                   ) -> dict[str, dict[str, Any]]:
+  """SAQ-ET's two phases over the QAT step, and the tau its target needs.
+
+  A period of tau steps is one sharpness step s and tau - 1 reuse steps r (in
+  QAT steps), so SAQ-ET / QAT = (s + (tau - 1) r) / tau, at most the target
+  from tau >= (s - r) / (target - r) on, and never when r is above it.
+  """
+  phase = {name: statistics.median(x / y for x, y in zip(ms, qat_round_ms))
+           for name, ms in phase_round_ms.items()}
+  out = {f'saq_et {name} step/qat_sgd': {'value': value, 'target': 'one phase', 'met': None}
+         for name, value in phase.items()}
+  if {'sharpness', 'reuse'} <= set(phase):
+    s, r, target = phase['sharpness'], phase['reuse'], TARGETS['saq_et/qat_sgd'][3]
+    tau = math.ceil((s - r) / (target - r) - 1e-9) if r < target else None  # 4.0000001 is 4
+    out[f'saq_et tau for <= {target}'] = {
+        'value': tau, 'target': '(sharpness + (tau - 1) reuse) / tau', 'met': None}
   return out
 
 
@@ -174,7 +197,8 @@ def _ratio_table(table: dict[str, dict[str, Any]]) -> str:
   lines = ['| ratio | value | target | |', '|---|---|---|---|']
   for key, r in table.items():
     verdict = '' if r['met'] is None else ('met' if r['met'] else 'MISSED')
-    lines.append(f'| {key} | {r["value"]:.3f} | {r["target"]} | {verdict} |')
+    value = r['value'] if isinstance(r['value'], (int, type(None))) else f'{r["value"]:.3f}'
+    lines.append(f'| {key} | {value} | {r["target"]} | {verdict} |')
   return '\n'.join(lines)
 
 

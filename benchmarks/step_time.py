@@ -59,6 +59,9 @@ def optax_sam_step(model, tx, costs, comp_weight, sharpness_step=None):
   return step
 
 
+PHASE_NAMES = {True: 'sharpness', False: 'reuse'}  # SAQ-ET's phases, as the results name them
+
+
 @dataclasses.dataclass
 class Variant:
   """One timed step kind: its phases (one, or SAQ-ET's two), compiled ahead of time.
@@ -177,7 +180,8 @@ def time_variants(variants: dict[str, Variant], batch: dict[str, jax.Array], *, 
   Returns:
     Per variant: median/min/max ms over all timed steps, the per-round step
     cost (``round_ms``, for ratios: the median step of the round, or for
-    SAQ-ET the frequency-weighted medians of its two phases), ``steps``
+    SAQ-ET the frequency-weighted medians of its two phases, which
+    ``phase_round_ms`` also gives apart: 'sharpness' and 'reuse'), ``steps``
     timed, compile seconds, the model's GFLOP per step (``model_gflops``,
     from its MACs), XLA's GFLOP and GB accessed per step, and XLA's
     memory plan (``xla_memory_mb``: arguments + outputs - donated aliases +
@@ -190,6 +194,7 @@ def time_variants(variants: dict[str, Variant], batch: dict[str, jax.Array], *, 
       states[name], _, _ = variant.run(states[name], batch)
     log(f'compiled {name} in {info[name]["compile_s"]:.1f} s')
   per_round = {name: [] for name in variants}
+  phase_rounds = {name: {} for name, v in variants.items() if v.period > 1}
   all_times = {name: [] for name in variants}
   for r in range(rounds):
     for name in (list(variants) if r % 2 == 0 else reversed(list(variants))):
@@ -201,9 +206,14 @@ def time_variants(variants: dict[str, Variant], batch: dict[str, jax.Array], *, 
       # Medians resist a shared machine's stalls; phase weights amortize SAQ-ET's period.
       per_round[name].append(sum(variant.weight(p) * statistics.median(t)
                                  for p, t in by_phase.items()))
+      if name in phase_rounds:
+        for p, t in by_phase.items():
+          phase_rounds[name].setdefault(PHASE_NAMES[p], []).append(1e3 * statistics.median(t))
   results = {}
   for name, times in all_times.items():
     results[name] = {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times),
                      'max_ms': 1e3 * max(times), 'steps': len(times),
                      'round_ms': [1e3 * t for t in per_round[name]], **info[name]}
+    if name in phase_rounds:
+      results[name]['phase_round_ms'] = phase_rounds[name]
   return results

@@ -52,6 +52,12 @@ def test_quick_benchmark_times_every_step_kind(tmp_path, monkeypatch):
   saq_et = results['saq_et']['gflops'] / results['qat_sgd']['gflops']
   assert saq_et == pytest.approx(1 + (results['saq']['gflops'] / results['qat_sgd']['gflops'] - 1)
                                  / 4, rel=0.02)
+  # Its round cost weighs the medians of its two phases 1:3.
+  phases = results['saq_et']['phase_round_ms']
+  for cost, sharp, reuse in zip(results['saq_et']['round_ms'], phases['sharpness'],
+                                phases['reuse']):
+    assert cost == pytest.approx(sharp / 4 + 3 * reuse / 4)
+  assert {'saq_et sharpness step/qat_sgd', 'saq_et reuse step/qat_sgd'} <= set(ratios)
   # Ratios are medians of per-round ratios.
   expected = statistics.median(a / b for a, b in zip(results['asga']['round_ms'],
                                                      results['supernet_sgd']['round_ms']))
@@ -63,6 +69,18 @@ def test_quick_benchmark_times_every_step_kind(tmp_path, monkeypatch):
   assert pipeline['decode']['images_per_s'] > 0 and pipeline['cached']['images_per_s'] > 0
   assert ratios['input/step']['value'] == pytest.approx(
       pipeline['decode']['images_per_s'] / pipeline['fastest_step_images_per_s'])
+
+
+@pytest.mark.parametrize('sharpness, reuse, tau', [(1.8, 1.0, 6), (1.6, 1.0, 4), (1.8, 1.2, None)])
+def test_saq_et_tau_for_the_target_from_its_phases(sharpness, reuse, tau):
+  # By hand: (1.8 + 4) / 5 = 1.16 > 1.15 >= (1.8 + 5) / 6 = 1.133; (1.6 + 3) / 4 = 1.15;
+  # reuse steps above the target never average below it.
+  qat = [100.0, 200.0]
+  table = run._saq_et_phases({'sharpness': [100 * sharpness, 200 * sharpness],
+                              'reuse': [100 * reuse, 200 * reuse]}, qat)
+  assert table['saq_et sharpness step/qat_sgd']['value'] == pytest.approx(sharpness)
+  assert table['saq_et reuse step/qat_sgd']['value'] == pytest.approx(reuse)
+  assert table['saq_et tau for <= 1.15']['value'] == tau
 
 
 def test_steps_and_benchmark_import_without_tensorflow():
