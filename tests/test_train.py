@@ -96,6 +96,23 @@ def test_rerun_resumes_completed_stages_without_training(pipeline_run, caplog):
   assert (workdir / 'finetune' / 'checkpoints').stat().st_mtime_ns == before
 
 
+def test_saq_et_rate_window_starts_once_both_phases_compiled(pipeline_run, tmp_path, caplog):
+  workdir, _ = pipeline_run
+  caplog.set_level('INFO')
+  config = smoke_config(**{'stages': 'finetune', 'finetune.init': 'scratch',
+                           'finetune.policy': str(workdir / 'policy.json'),
+                           'finetune.sharpness': 'saq', 'finetune.saq.tau': 2,
+                           'diagnostics.lambda_max': False, 'log_every_steps': 5})
+  train_and_evaluate(config, str(tmp_path))
+  # Step 0 compiles the sharpness phase, step 1 the reuse phase: neither counts in img/s.
+  assert 'finetune: first 2 steps compiled and ran in' in caplog.text
+  records = [json.loads(l) for l in (tmp_path / 'finetune' / 'metrics.jsonl').read_text()
+             .splitlines()]
+  train = [r for r in records if r['kind'] == 'train']
+  assert [r['step'] for r in train] == [5, 10, 15, 20]
+  assert all(r['images_per_sec'] > 0 for r in train)
+
+
 def _raw_state(workdir, stage, step):
   manager = ocp.CheckpointManager(str(workdir / stage / 'checkpoints'),
                                   item_names=('state', 'meta'))

@@ -208,11 +208,13 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
                                       sharpness_period=spec.sharpness_period, mesh=mesh,
                                       state_sharding=state_sharding)
     reporter = Reporter(workdir, spec.name, total, steps_per_epoch, batch_size)
-    step = int(state.step)
+    step = start_step = int(state.step)
     logging.info('%s: %d steps (%g epochs of %d steps, batch %d) from step %d', spec.name, total,
                  spec.epochs, steps_per_epoch, batch_size, step)
     watch = _NonFiniteWatch(spec.name, config.nonfinite_patience, ckpts)
     window, result = [], {}
+    # The rate window starts once every compiled phase has run (SAQ-ET compiles two).
+    compile_steps = min(spec.sharpness_period, total - step)
     first_step_start = time.perf_counter()
 
     def save():
@@ -226,9 +228,9 @@ def fit(spec: StageSpec, config: ml_collections.ConfigDict, workdir: str,
         state, metrics = train_step(state, batch, step)
         step += 1
         watch.dispatched(step, metrics)
-        if first_step_start is not None:
+        if first_step_start is not None and step - start_step >= compile_steps:
           jax.block_until_ready(metrics)
-          reporter.compiled(step, time.perf_counter() - first_step_start)
+          reporter.compiled(step, time.perf_counter() - first_step_start, compile_steps)
           first_step_start = None
         window.append(metrics)
         if step % config.log_every_steps == 0 or step == total:

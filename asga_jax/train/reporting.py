@@ -70,9 +70,13 @@ class Reporter:
     logging.info('  '.join(parts))
     self._window_start = (step, now)
 
-  def compiled(self, step: int, seconds: float) -> None:
-    """Logs the first step's time (compilation included) and restarts the rate window."""
-    logging.info('%s: first step compiled and ran in %.1f s', self.stage, seconds)
+  def compiled(self, step: int, seconds: float, num_steps: int = 1) -> None:
+    """Logs the time of the first steps (compilation included) and restarts the rate window.
+
+    ``num_steps`` > 1: the steps that ran each compiled phase once (SAQ-ET has two).
+    """
+    what = 'first step' if num_steps == 1 else f'first {num_steps} steps'
+    logging.info('%s: %s compiled and ran in %.1f s', self.stage, what, seconds)
     self._window_start = (step, time.perf_counter())
 
   def _append(self, kind: str, step: int, metrics: Mapping[str, float]) -> None:
