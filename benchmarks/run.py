@@ -74,7 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help=f'comma-separated step groups: {", ".join(step_time.GROUPS)}')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--steps', type=int, default=8,
-                      help='timed steps per variant and round (a multiple of SAQ-ET tau=4)')
+                      help='timed steps per variant and round (a multiple of --saq-tau)')
+  parser.add_argument('--saq-tau', type=int, default=4,
+                      help="SAQ-ET's period: the sharpness gradient every this many steps")
   parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
   parser.add_argument('--no-input', action='store_true', help='skip the input pipeline')
   parser.add_argument('--archive', default=CIFAR_ARCHIVE,
@@ -99,8 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   if args.rounds * args.steps < 10 and not args.quick:
     print(f'warning: {args.rounds * args.steps} timed steps per variant; medians of fewer than '
           '10 are noisy (--rounds x --steps).', file=sys.stderr)
-  if args.steps % 4 and 'qat' in groups:
-    parser.error('--steps must be a multiple of 4, the SAQ-ET period.')
+  if args.saq_tau < 2:
+    parser.error(f'--saq-tau must be at least 2 (1 is the saq row), got {args.saq_tau}.')
+  if args.steps % args.saq_tau and 'qat' in groups:
+    parser.error(f'--steps ({args.steps}) must be a multiple of --saq-tau ({args.saq_tau}), so '
+                 'that every round holds whole SAQ-ET periods.')
   return args
 
 
@@ -139,8 +144,8 @@ def _step_ratio(results: dict[str, dict[str, Any]], a: str, b: str) -> float:
   return results[a]['median_ms'] / results[b]['median_ms']
 
 
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-  """The target ratios whose two sides were measured, and SAQ-ET's floor."""
+def ratios(results: dict[str, dict[str, Any]], saq_tau: int = 4) -> dict[str, dict[str, Any]]:
+  """The target ratios whose two sides were measured, and SAQ-ET's floor at ``saq_tau``."""
   out = {}
   for key, (a, b, comparison, target) in TARGETS.items():
     if a in results and b in results:
@@ -148,10 +153,10 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
       ok = value <= target if comparison == '<=' else value >= target
       out[key] = {'value': value, 'target': f'{comparison} {target}', 'met': ok}
   if {'saq', 'saq_et', 'qat_sgd'} <= set(results):
-    # SAQ-ET pays one SAQ step every tau = 4 steps: its ratio cannot go below this.
+    # SAQ-ET pays one SAQ step every tau steps: its ratio cannot go below this.
     saq = _step_ratio(results, 'saq', 'qat_sgd')
-    out['saq_et floor'] = {'value': 1 + (saq - 1) / 4, 'target': '1 + (saq/qat_sgd - 1) / 4',
-                           'met': None}
+    out['saq_et floor'] = {'value': 1 + (saq - 1) / saq_tau,
+                           'target': f'1 + (saq/qat_sgd - 1) / {saq_tau}', 'met': None}
   if 'phase_round_ms' in results.get('saq_et', {}) and 'qat_sgd' in results:
     out.update(_saq_et_phases(results['saq_et']['phase_round_ms'], results['qat_sgd']['round_ms']))
   return out
@@ -248,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pipeline = input_pipeline.measure(input_pipeline.data_config(args.archive, args.size),
                                       args.batch, args.input_batches)
   kwargs = _model_kwargs(args)
-  variants = step_time.build_variants(args.model, batch, args.groups, **kwargs)
+  variants = step_time.build_variants(args.model, batch, args.groups, saq_tau=args.saq_tau,
+                                      **kwargs)
   results = step_time.time_variants(variants, batch, rounds=args.rounds,
                                     steps_per_round=args.steps, log=log)
   if args.dump_hlo:
@@ -268,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       r['mfu'] = r['model_gflops'] / (r['median_ms'] / 1e3) / (peak * 1e3)
 
   torch_note = _torch_reference(args, kwargs, batch, variants, results, log)
-  table = ratios(results)
+  table = ratios(results, args.saq_tau)
 
   if pipeline:
     consumption = args.batch / (min(r['median_ms'] for r in results.values()

@@ -17,7 +17,7 @@ and base optimizer (SGD, momentum 0.9):
 
 fp group (full precision): fp_sgd; fp_sam (``asga_jax.optim.sam``, rho 0.1).
 qat group (the finetune step, fixed 4-bit QAT): qat_sgd; saq (SAQ case 3 every
-  step); saq_et (SAQ efficient training, tau=4).
+  step); saq_et (SAQ efficient training, tau=4 unless ``saq_tau`` says otherwise).
 supernet group (the search step, supernet over the model's bit candidates,
   lambda 0.1): supernet_sgd (one gradient evaluation); asga, sam (two);
   optax_sam (``optax.contrib.sam`` in opaque mode, two: the external peer).
@@ -129,13 +129,14 @@ def _init(model, batch) -> tuple[Any, tuple[LayerCost, ...]]:
 
 
 def build_variants(model_name: str, batch: dict[str, jax.Array], groups: Sequence[str],
-                   **model_kwargs: Any) -> dict[str, Variant]:
+                   saq_tau: int = 4, **model_kwargs: Any) -> dict[str, Variant]:
   """The variants of ``groups`` (see the module docstring) for one model.
 
   Args:
     model_name: a name of ``asga_jax.models.MODELS``.
     batch: {'image', 'label'} the steps train on.
     groups: some of ``GROUPS``.
+    saq_tau: SAQ-ET's period (sharpness gradient every ``saq_tau`` steps).
     **model_kwargs: passed to ``models.create_model`` (num_classes, width, stem, dtype).
   """
   base = optax.sgd(0.01, momentum=0.9)
@@ -152,7 +153,8 @@ def build_variants(model_name: str, batch: dict[str, jax.Array], groups: Sequenc
     variables, costs = _init(model, batch)
     for name, tx, qgrads, evals, tau in (('qat_sgd', base, False, 1, 1),
                                          ('saq', optim.saq(base, rho=0.5), True, 2, 1),
-                                         ('saq_et', optim.saq(base, rho=0.5, tau=4), True, 2, 4)):
+                                         ('saq_et', optim.saq(base, rho=0.5, tau=saq_tau), True, 2,
+                                          saq_tau)):
       variants[name] = Variant(variables, tx, functools.partial(
           steps.make_train_step, model, tx, quantized_grads=qgrads), costs, evals, period=tau)
   if 'supernet' in groups:

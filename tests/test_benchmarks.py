@@ -107,7 +107,9 @@ def test_gpu_script_prints_its_usage():
 
 @pytest.mark.parametrize('argv, message', [
     (['--groups', 'fp,nope'], 'unknown'),
-    (['--steps', '6'], 'multiple of 4'),
+    (['--steps', '6'], 'must be a multiple of --saq-tau (4)'),
+    (['--steps', '8', '--saq-tau', '3'], 'must be a multiple of --saq-tau (3)'),
+    (['--saq-tau', '1'], '--saq-tau must be at least 2'),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
   with pytest.raises(SystemExit):
