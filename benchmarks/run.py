@@ -172,13 +172,15 @@ def _saq_et_phases(phase_round_ms: dict[str, list[float]], qat_round_ms: list[fl
   """
   phase = {name: statistics.median(x / y for x, y in zip(ms, qat_round_ms))
            for name, ms in phase_round_ms.items()}
-  out = {f'saq_et {name} step/qat_sgd': {'value': value, 'target': 'one phase', 'met': None}
-         for name, value in phase.items()}
+  symbols = {'sharpness': 's', 'reuse': 'r'}
+  out = {f'saq_et {name} step/qat_sgd': {'value': value, 'target': f'({symbols[name]})',
+                                         'met': None} for name, value in phase.items()}
   if {'sharpness', 'reuse'} <= set(phase):
     s, r, target = phase['sharpness'], phase['reuse'], TARGETS['saq_et/qat_sgd'][3]
     tau = math.ceil((s - r) / (target - r) - 1e-9) if r < target else None  # 4.0000001 is 4
     out[f'saq_et tau for <= {target}'] = {
-        'value': tau, 'target': '(sharpness + (tau - 1) reuse) / tau', 'met': None}
+        'value': tau, 'target': f'smallest tau with (s + (tau - 1) r) / tau <= {target}',
+        'met': None}
   return out
 
 
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(args.dump_hlo, exist_ok=True)
     for name, variant in variants.items():
       for phase, compiled in variant.compiled.items():
-        suffix = '' if phase is None else f'_{"sharpness" if phase else "reuse"}'
+        suffix = '' if phase is None else f'_{step_time.PHASE_NAMES[phase]}'
         with open(os.path.join(args.dump_hlo, f'{name}{suffix}.hlo.txt'), 'w') as f:
           f.write(compiled.as_text())
     log(f'wrote the compiled steps to {args.dump_hlo}')
