@@ -206,11 +206,11 @@ def time_variants(variants: dict[str, Variant], batch: dict[str, jax.Array], *, 
         by_phase.setdefault(phase, []).append(seconds)
         all_times[name].append(seconds)
       # Medians resist a shared machine's stalls; phase weights amortize SAQ-ET's period.
-      per_round[name].append(sum(variant.weight(p) * statistics.median(t)
-                                 for p, t in by_phase.items()))
+      medians = {p: statistics.median(t) for p, t in by_phase.items()}
+      per_round[name].append(sum(variant.weight(p) * m for p, m in medians.items()))
       if name in phase_rounds:
-        for p, t in by_phase.items():
-          phase_rounds[name].setdefault(PHASE_NAMES[p], []).append(1e3 * statistics.median(t))
+        for p, m in medians.items():
+          phase_rounds[name].setdefault(PHASE_NAMES[p], []).append(1e3 * m)
   results = {}
   for name, times in all_times.items():
     results[name] = {'median_ms': 1e3 * statistics.median(times), 'min_ms': 1e3 * min(times),

@@ -72,14 +72,14 @@ def main() -> None:
   _, results['search_asga_fsdp'], _ = compare(supernet, tx, batch, costs=costs, fsdp=True)
   fixed = models.resnet8(10, width=4, quant=QuantSpec(mode='fixed', uniform=LayerBits(4, 4)))
   results['finetune_sgd'], _, _ = compare(fixed, optax.sgd(0.05, momentum=0.9, nesterov=True),
-                                       batch)
+                                          batch)
   # m-sharpness with m = the per-device batch (2): each replica perturbs along its own
   # gradient. Sharded, it equals the one-device reference over the same sub-batches,
   # and differs from the global ascent direction.
   sam = optim.sam(optax.sgd(0.05), rho=0.5)
   results['m_sharpness_vs_reference'], _, _ = compare(fixed, sam, batch, m_sharpness=2)
   results['m_sharpness_vs_global'], _, _ = compare(fixed, sam, batch, m_sharpness=2,
-                                                single_kwargs={'m_sharpness': 0})
+                                                   single_kwargs={'m_sharpness': 0})
   # A checkpoint written from 8 devices restores onto 1 and onto 4.
   with tempfile.TemporaryDirectory() as directory:
     ckpts = StageCheckpoints(directory, keep=1)

@@ -72,6 +72,15 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       Attributes());
 }
 
+// The input- and kernel-gradient passes share the forward pass's geometry and hint.
+template <typename BackwardDesc>
+BackwardDesc MakeBackwardDesc(const Geometry& g,
+                              const dnnl::convolution_forward::primitive_desc& forward) {
+  return BackwardDesc(Engine(), dnnl::algorithm::convolution_direct, g.Input(),
+                      g.Kernel(Tag::any), g.Output(), g.Strides(), g.PaddingL(), g.PaddingR(),
+                      forward, Attributes());
+}
+
 Plan MakePlan(const Geometry& g, Pass pass) {
   Plan plan;
   auto forward = ForwardDesc(g);
@@ -81,16 +90,13 @@ Plan MakePlan(const Geometry& g, Pass pass) {
     plan.kernel = forward.weights_desc();
     plan.scratchpad = forward.scratchpad_desc();
   } else if (pass == Pass::kBackwardData) {
-    dnnl::convolution_backward_data::primitive_desc desc(
-        Engine(), dnnl::algorithm::convolution_direct, g.Input(), g.Kernel(Tag::any),
-        g.Output(), g.Strides(), g.PaddingL(), g.PaddingR(), forward, Attributes());
+    auto desc = MakeBackwardDesc<dnnl::convolution_backward_data::primitive_desc>(g, forward);
     plan.primitive = dnnl::convolution_backward_data(desc);
     plan.kernel = desc.weights_desc();
     plan.scratchpad = desc.scratchpad_desc();
   } else {
-    dnnl::convolution_backward_weights::primitive_desc desc(
-        Engine(), dnnl::algorithm::convolution_direct, g.Input(), g.Kernel(Tag::any),
-        g.Output(), g.Strides(), g.PaddingL(), g.PaddingR(), forward, Attributes());
+    auto desc =
+        MakeBackwardDesc<dnnl::convolution_backward_weights::primitive_desc>(g, forward);
     plan.primitive = dnnl::convolution_backward_weights(desc);
     plan.kernel = desc.diff_weights_desc();
     plan.scratchpad = desc.scratchpad_desc();

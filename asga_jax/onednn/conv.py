@@ -166,13 +166,14 @@ for _primitive in (forward_p, backward_data_p, backward_weights_p):
 def explicit_padding(input_shape: Sequence[int], kernel_shape: Sequence[int],
                      strides: Sequence[int], padding: Any) -> Padding:
   """(top, bottom, left, right) for 'SAME', 'VALID', an int, ((t, b), (l, r)) or itself."""
-  if not isinstance(padding, (int, str)) and len(padding) == 4:
-    return tuple(int(p) for p in padding)
-  if isinstance(padding, int):
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(tuple(input_shape[1:3]), tuple(kernel_shape[:2]),
+                                  tuple(strides), padding)
+  elif isinstance(padding, int):
     padding = [(padding, padding)] * 2
-  pairs = lax.padtype_to_pads(tuple(input_shape[1:3]), tuple(kernel_shape[:2]),
-                              tuple(strides), padding) if isinstance(padding, str) else padding
-  (top, bottom), (left, right) = pairs
+  elif len(padding) == 4:
+    return tuple(int(p) for p in padding)
+  (top, bottom), (left, right) = padding
   return int(top), int(bottom), int(left), int(right)
 
 
